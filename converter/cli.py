@@ -1,0 +1,258 @@
+"""The ``slimformer`` command line.
+
+Results go to stdout, diagnostics and progress to stderr; every user error is one line on stderr and a
+non-zero exit (2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import SlimformerError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def parse_options(text: str, flag: str) -> dict[str, Any]:
+    """``"budget=256,alpha=0.5,policy=h2o"`` -> ``{"budget": 256, "alpha": 0.5, "policy": "h2o"}``."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SlimformerError(f"malformed {flag} item {item!r}", fix=f"write {flag} key=value[,key=value...]")
+        options[key.strip().replace("-", "_")] = _coerce(value.strip())
+    return options
+
+
+def _coerce(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _kv_cache_override(a2sf: str | None) -> dict[str, Any] | None:
+    if not a2sf:
+        return None
+    from .runtime.kv_cache import CachePolicy
+
+    try:
+        return CachePolicy.parse(a2sf).to_dict()
+    except ValueError as exc:
+        raise SlimformerError(f"bad --a2sf value: {exc}", fix="e.g. --a2sf budget=256,alpha=0.5,recent=32,sink=4") from exc
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="slimformer")
+def cli() -> None:
+    """slimformer: convert Hugging Face checkpoints into smaller, faster models, with the cost measured.
+
+    \b
+    slimformer convert examples/models/tiny-stdlib-lm -o out --eval-ppl stdlib:valid
+    slimformer report out
+    slimformer eval out --ppl stdlib:valid
+    slimformer generate out --prompt "def main():"
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
+@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path), help="Pipeline spec (TOML or YAML) to run or replay.")
+@click.option("--calib", multiple=True, help="Calibration source: file, directory, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'. Repeatable.")
+@click.option("--calib-samples", type=int, help="Number of calibration windows (default 32).")
+@click.option("--calib-seq-len", type=int, help="Tokens per calibration window (default 256).")
+@click.option("--calib-seed", type=int, help="Seed for choosing calibration windows (default 0).")
+@click.option("--eval-ppl", help="Measure perplexity before and after on this source.")
+@click.option("--drop", help="Layer drop: attn:N, mlp:N, block:N or joint:N (N a count, or a ratio like 0.25).")
+@click.option("--iterative", is_flag=True, default=None, help="Layer drop: re-score after each removal.")
+@click.option("--max-ppl-increase", type=float, help="Layer drop: drop while --eval-ppl perplexity rises at most PCT percent.")
+@click.option("--sas", help="SAS conversion, e.g. layers=2,heal-steps=200.")
+@click.option("--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (policy=a2sf|h2o|streaming).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for calibration and evaluation.")
+@click.option("--dtype", default="float32", show_default=True, help="Working precision: float32, float16, bfloat16.")
+@click.option("--save-dtype", help="Precision of the written weights (default: unchanged).")
+@click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s before and after.")
+@click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt weights (unpickling). Only for files you trust.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a source checkpoint that ships its own code.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str, ...], calib_samples: int | None,
+            calib_seq_len: int | None, calib_seed: int | None, eval_ppl: str | None, drop: str | None, iterative: bool | None,
+            max_ppl_increase: float | None, sas: str | None, a2sf: str | None, device: str, dtype: str,
+            save_dtype: str | None, speed: bool, allow_pickle: bool, trust_remote_code: bool, overwrite: bool, quiet: bool) -> None:
+    """Convert SOURCE (a local directory or Hub id) into a smaller checkpoint in OUT, with a report.
+
+    \b
+    Examples:
+      slimformer convert ./my-llama -o out                       # identity pipeline, report only
+      slimformer convert ./my-llama -o out --drop attn:4 --eval-ppl stdlib:valid
+      slimformer convert Qwen/Qwen2.5-0.5B -o out --drop joint:0.25 --calib data.jsonl
+      slimformer convert ./my-llama -o out --a2sf budget=256,alpha=0.5
+      slimformer convert ./my-llama -o out2 --pipeline out/pipeline.toml   # replay
+    """
+    from .conversion import ConvertOptions
+    from .conversion import convert as run_convert
+    from .pipeline import PassSpec, PipelineSpec
+    from .report import render_terminal
+
+    spec = PipelineSpec.from_file(pipeline_file) if pipeline_file else PipelineSpec()
+    if calib:
+        spec.calibration.sources = list(calib)
+    for name, value in (("samples", calib_samples), ("seq_len", calib_seq_len), ("seed", calib_seed)):
+        if value is not None:
+            setattr(spec.calibration, name, value)
+    if eval_ppl:
+        spec.evaluation.ppl = eval_ppl
+    if drop or iterative or max_ppl_increase is not None:
+        params: dict[str, Any] = {"drop": drop} if drop else {}
+        if iterative:
+            params["iterative"] = True
+        if max_ppl_increase is not None:
+            params["max_ppl_increase"] = max_ppl_increase
+        spec.passes.append(PassSpec("layer_drop", params))
+    if sas:
+        spec.passes.append(PassSpec("sas", parse_options(sas, "--sas")))
+    if a2sf:
+        spec.passes.append(PassSpec("a2sf", parse_options(a2sf, "--a2sf")))
+    options = ConvertOptions(device=device, dtype=dtype, save_dtype=save_dtype, allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code, overwrite=overwrite, quiet=quiet, measure_speed=speed)
+    report = run_convert(source, out, spec, options)
+    if not quiet:
+        click.echo(render_terminal(report))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw report.json instead.")
+def report(directory: Path, as_json: bool) -> None:
+    """Print a readable summary of a converted DIRECTORY.
+
+    \b
+    Example:
+      slimformer report out
+    """
+    from .report import load_report, render_terminal
+
+    data = load_report(directory)
+    click.echo(json.dumps(data, indent=2) if as_json else render_terminal(data))
+
+
+def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bool, trust_remote_code: bool):
+    from .conversion import load_model, load_tokenizer
+    from .source import resolve_source
+
+    model = load_model(ckpt, device=device, dtype=dtype, kv_cache=_kv_cache_override(a2sf),
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(resolve_source(ckpt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code).path,
+                               trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise SlimformerError("checkpoint has no tokenizer files", where=ckpt, fix="add tokenizer.json / tokenizer_config.json")
+    return model, tokenizer
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.argument("ckpt")
+@click.option("--ppl", "ppl_source", required=True, help="Text source for perplexity (file, directory, stdlib[:valid], hf:...).")
+@click.option("--window", default=256, show_default=True, help="Tokens per evaluation window.")
+@click.option("--stride", type=int, help="Advance between windows (default: window, i.e. disjoint windows).")
+@click.option("--max-tokens", default=16384, show_default=True, help="Evaluate at most this many tokens of the source.")
+@click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, max_tokens: int, a2sf: str | None,
+                 json_path: Path | None, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
+    """Measure perplexity of CKPT (converted or original) and print `perplexity: <value>`.
+
+    \b
+    Examples:
+      slimformer eval out --ppl stdlib:valid
+      slimformer eval out --ppl wiki.test.raw --window 512 --stride 256 --json ppl.json
+    """
+    from .evaluation import perplexity
+    from .runtime.kv_cache import new_cache
+
+    model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
+    cache_factory = (lambda: new_cache(model.config)) if a2sf else None
+    result = perplexity(model, tokenizer, ppl_source, window=window, stride=stride, max_tokens=max_tokens,
+                        progress=not quiet, cache_factory=cache_factory)
+    click.echo(f"perplexity: {result.perplexity:.4f}")
+    if json_path:
+        json_path.write_text(json.dumps({"checkpoint": ckpt, **result.to_dict()}, indent=2) + "\n")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("ckpt")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling.")
+@click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5.")
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+def generate(ckpt: str, prompt: str, max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int,
+             a2sf: str | None, runtime: str, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Generate text from CKPT (greedy by default). The text goes to stdout.
+
+    \b
+    Examples:
+      slimformer generate out --prompt "def parse(" --max-new-tokens 32
+      slimformer generate out --prompt "import os" --sample --temperature 0.8 --seed 1
+    """
+    import torch
+
+    if runtime == "onnx":
+        from exporters.onnx import generate_text
+
+        click.echo(generate_text(ckpt, prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                                 top_p=top_p, seed=seed, a2sf=_kv_cache_override(a2sf)))
+        return
+    model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
+    if model.config.is_encoder:
+        raise SlimformerError("generate needs a causal language model; this checkpoint is an encoder", where=ckpt)
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    torch.manual_seed(seed)
+    kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+    click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except SlimformerError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""End-to-end conversion: source -> graph -> passes -> measured, written output; and model loading.
+
+``convert()`` checks the output location first (so a bad ``-o`` fails before minutes of work), measures
+the source model, runs the pipeline, measures again, and writes checkpoint + report + replayable
+pipeline into a temporary directory that becomes the output only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SlimformerError
+from .graph import CheckpointGraph, load_graph
+from .pipeline import PassContext, PipelineSpec, build_passes, run_pipeline
+from .report import versions, write_report
+from .source import resolve_source
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SlimformerError(f"unknown dtype {name!r}", fix=f"use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_device(device: str) -> str:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimformerError(f"device {device!r} requested but CUDA is not available", fix="use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise SlimformerError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class ConvertOptions:
+    device: str = "cpu"
+    dtype: str = "float32"  # working precision for calibration/evaluation
+    save_dtype: str | None = None  # precision of the written weights (default: as loaded)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    measure_speed: bool = False
+
+
+def _logger(quiet: bool):
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    return log
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer, or ``None`` when it ships none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SlimformerError(f"cannot load the tokenizer: {exc}", where=str(path), fix="restore the tokenizer files") from exc
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpec, options: ConvertOptions | None = None) -> dict:
+    """Convert ``source`` into ``out`` with the pipeline ``spec``; returns the report dict."""
+    from exporters.safetensors import atomic_output_dir, check_output_location, write_checkpoint
+
+    options = options or ConvertOptions()
+    log = _logger(options.quiet)
+    check_output_location(out, overwrite=options.overwrite)
+    device = check_device(options.device)
+    dtype = parse_dtype(options.dtype)
+    save_dtype = parse_dtype(options.save_dtype) if options.save_dtype else None
+    passes = build_passes(spec)  # validates pass names and options before any heavy work
+
+    started = time.perf_counter()
+    src = resolve_source(source, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    graph = load_graph(src)
+    log(f"[slimformer] loaded {src.spec}: {graph.family}, {len(graph.blocks)} layers, {graph.num_params():,} parameters")
+    tokenizer = load_tokenizer(src.path, trust_remote_code=options.trust_remote_code)
+    ctx = PassContext(tokenizer, spec.calibration, spec.evaluation, device=device, dtype=dtype,
+                      progress=not options.quiet, log=log)
+
+    params_before, kv_before = graph.num_params(), graph.kv_bytes_per_token()
+    evaluation = _measure(graph, ctx, "before", log) if spec.evaluation.ppl else None
+    speed = {"before": _speed(graph, ctx)} if options.measure_speed else None
+
+    records = run_pipeline(graph, passes, ctx)
+
+    if evaluation is not None:
+        evaluation.update(_measure(graph, ctx, "after", log))
+    if speed is not None:
+        speed["after"] = _speed(graph, ctx)
+    report = {
+        "format": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": {"spec": src.spec, "path": str(src.path), "family": graph.family, "hub": src.is_hub,
+                   "num_layers": len(graph.blocks), "weight_format": src.weight_format},
+        "versions": versions(),
+        "pipeline": spec.to_dict(),
+        "passes": records,
+        "layers": graph.layer_states(),
+        "params_before": params_before,
+        "params_after": graph.num_params(),
+        "kv_bytes_per_token_before": kv_before,
+        "kv_bytes_per_token_after": graph.kv_bytes_per_token(),
+        "kv_cache": graph.kv_cache,
+        "evaluation": evaluation,
+        "speed": speed,
+        "plots": sorted(name for name in ctx.artefacts if name.endswith(".png")),
+        "duration_s": None,
+    }
+    with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
+        written = write_checkpoint(graph, tmp, dtype=save_dtype)
+        report["files"] = written
+        (tmp / "pipeline.toml").write_text(spec.to_toml())
+        for name, content in ctx.artefacts.items():
+            (tmp / name).write_bytes(content)
+        report["duration_s"] = round(time.perf_counter() - started, 3)
+        write_report(report, tmp)
+    log(f"[slimformer] wrote {out} ({written['bytes'] / 1e6:.1f} MB in {written['shards']} file(s))")
+    return report
+
+
+def _measure(graph: CheckpointGraph, ctx: PassContext, when: str, log) -> dict[str, Any]:
+    if graph.is_encoder:
+        raise SlimformerError("perplexity needs a causal language model; this checkpoint is an encoder", fix="drop --eval-ppl")
+    if ctx.tokenizer is None:
+        raise SlimformerError("the checkpoint has no tokenizer, so perplexity cannot be measured", fix="add tokenizer files or drop --eval-ppl")
+    log(f"[slimformer] perplexity {when} on {ctx.evaluation.ppl} ...")
+    value = ctx.perplexity(graph)
+    log(f"[slimformer] perplexity {when}: {value:.3f}")
+    return {"source": ctx.evaluation.ppl, "window": ctx.evaluation.window, "max_tokens": ctx.evaluation.max_tokens,
+            f"perplexity_{when}": value}
+
+
+def _speed(graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
+    from .evaluation import speed_probe
+
+    return speed_probe(ctx.build_model(graph), ctx.tokenizer).to_dict()
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    kv_cache: dict[str, Any] | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a converted (or any supported original) checkpoint into the slimformer runtime, no remote code.
+
+    ``kv_cache`` overrides the checkpoint's cache policy (e.g. ``{"policy": "h2o", "budget": 128}``).
+    """
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    src = resolve_source(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    graph = load_graph(src)
+    if kv_cache is not None:
+        graph.kv_cache = kv_cache
+    return graph.build_model(dtype=dtype, device=check_device(device), attn_implementation=attn_implementation)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())

@@ -1,0 +1,145 @@
+"""Write a checkpoint graph as a converted Hugging Face directory (``model_type: "slimformer"``).
+
+The directory holds ``config.json`` (base config + ``block_configs`` + ``kv_cache`` + ``auto_map``),
+the kept tensors only (sharded with an index above ``max_shard_bytes``), the tokenizer and generation
+config of the source, and the runtime files, so that
+``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` works with plain transformers.
+
+Everything is written into a temporary sibling directory that is renamed into place only when complete
+(see :func:`atomic_output_dir`); an existing output is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from converter import runtime
+from converter.errors import SlimformerError
+from converter.graph import CheckpointGraph
+from converter.runtime import RUNTIME_FILES
+
+RUNTIME_DIR = Path(runtime.__file__).resolve().parent
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def check_output_location(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Fail early (before any work) if ``out`` cannot become the output directory."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise SlimformerError("output path is an existing file", where=str(out), fix="choose a directory path for -o")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SlimformerError("output directory already exists and is not empty", where=str(out),
+                              fix="choose a new path or pass --overwrite")
+    parent = out.parent
+    if not parent.exists():
+        raise SlimformerError("parent directory of the output does not exist", where=str(parent), fix="create it first")
+    try:  # a real probe: os.access() says yes to root even on read-only file systems
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as exc:
+        raise SlimformerError(f"output location is not writable ({exc.strerror})", where=str(parent),
+                              fix="choose a writable directory for -o") from exc
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success it replaces ``out`` in one rename."""
+    out = check_output_location(out, overwrite=overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _apply_umask(tmp)
+    backup = None
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, backup)
+    os.rename(tmp, out)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the finished output the user's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_checkpoint(
+    graph: CheckpointGraph,
+    directory: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, int]:
+    """Write the converted checkpoint into ``directory`` (normally the one from :func:`atomic_output_dir`)."""
+    config = graph.runtime_config()
+    if dtype is not None:
+        config.dtype = str(dtype).removeprefix("torch.")
+    config_dict = config.to_dict()
+    model_class = "SlimformerEncoderModel" if graph.is_encoder else "SlimformerForCausalLM"
+    config_dict["architectures"] = [model_class]
+    config_dict["auto_map"] = {"AutoConfig": "configuration_slimformer.SlimformerConfig"}
+    auto_class = "AutoModel" if graph.is_encoder else "AutoModelForCausalLM"
+    config_dict["auto_map"][auto_class] = f"modeling_slimformer.{model_class}"
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    for name in RUNTIME_FILES:
+        shutil.copyfile(RUNTIME_DIR / name, directory / name)
+    for file in graph.source.tokenizer_files + graph.source.carried_files:
+        shutil.copyfile(file, directory / file.name)
+    return _write_tensors(graph, directory, dtype, max_shard_bytes)
+
+
+def _write_tensors(graph: CheckpointGraph, directory: Path, dtype: torch.dtype | None, max_shard_bytes: int) -> dict[str, int]:
+    """Stream tensors into shards so no more than one shard is ever in memory."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    written: list[tuple[str, int]] = []  # (tensor name, shard index)
+    total = 0
+    paths: list[Path] = []
+
+    def flush(last: bool) -> None:
+        index = len(paths)
+        path = directory / f".shard-{index}.safetensors"
+        save_file(shards[-1], str(path), metadata={"format": "pt"})
+        paths.append(path)
+        if not last:
+            shards.append({})
+
+    for ref in graph.kept_tensors():
+        tensor = ref.load()
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            flush(last=False)
+            shard_bytes = 0
+        shards[-1][ref.name] = tensor.contiguous()
+        shard_bytes += size
+        total += size
+        written.append((ref.name, len(paths)))
+    flush(last=True)
+
+    if len(paths) == 1:
+        paths[0].rename(directory / "model.safetensors")
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(paths):05d}.safetensors" for i in range(len(paths))]
+        for path, name in zip(paths, names):
+            path.rename(directory / name)
+        index = {"metadata": {"total_size": total}, "weight_map": {tensor: names[i] for tensor, i in written}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return {"tensors": len(written), "bytes": total, "shards": len(paths)}
