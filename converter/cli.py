@@ -150,6 +150,103 @@ def report(directory: Path, as_json: bool) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else render_terminal(data))
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Print the checkpoint graph of SOURCE (original or converted): nodes, states, tensors, parameters.
+
+    \b
+    Example:
+      slimformer inspect ../shared/models/stories260K
+    """
+    from .graph import load_graph
+    from .source import resolve_source
+
+    graph = load_graph(resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    click.echo(graph.describe())
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("source")
+@click.option("--calib", multiple=True, required=True, help="Calibration source (file, directory, stdlib[:train|:valid], hf:...). Repeat to compare sources.")
+@click.option("--calib-samples", default=32, show_default=True, help="Calibration windows per source.")
+@click.option("--calib-seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--calib-seed", default=0, show_default=True, help="Seed for choosing calibration windows.")
+@click.option("--metric", type=click.Choice(["cosine", "angular"]), default="cosine", show_default=True,
+              help="1 - cos(X, Y) (LLM-Drop) or the angular distance arccos(cos)/pi.")
+@click.option("--compare", type=click.Choice(["residual", "norm_output"]), default="residual", show_default=True,
+              help="residual: X before the norm vs X + f(norm X) (LLM-Drop); norm_output: norm(X) vs f(norm X).")
+@click.option("--drop", help="Drop spec whose drop set is compared across sources (default: 25%% of each kind).")
+@click.option("--streaming", is_flag=True, help="Score one layer at a time (one block's weights in memory).")
+@click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON to this file.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len: int, calib_seed: int, metric: str,
+          compare: str, drop: str | None, streaming: bool, batch_size: int, json_path: Path | None, device: str, dtype: str,
+          allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
+    """Print the per-layer importance of attention, MLP and blocks of SOURCE, without converting.
+
+    \b
+    With two or more --calib sources, also prints how stable the ranking is across them (Spearman rank
+    correlation, overlap of the drop sets) and warns when the choice depends on the source.
+
+    \b
+    Examples:
+      slimformer score ../shared/models/stories260K --calib ../shared/data/wikitext2/wiki.valid.tokens
+      slimformer score ./my-llama --calib stdlib:train --calib wiki.txt --drop attn:4 --json scores.json
+    """
+    from passes.layer_drop import DropSpec, stability_of
+
+    from .calibration import sample_windows
+    from .conversion import check_device, load_tokenizer, parse_dtype
+    from .graph import load_graph
+    from .importance import format_table, rank_modules, score_graph
+    from .source import resolve_source
+
+    src = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    graph = load_graph(src)
+    tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise SlimformerError("scoring needs calibration text, but the checkpoint has no tokenizer", where=source,
+                              fix="add tokenizer files (tokenizer.json / tokenizer_config.json)")
+    device, torch_dtype = check_device(device), parse_dtype(dtype)
+    specs = [drop] if drop else [f"{kind}:0.25" for kind in ("attn", "mlp", "block", "joint")]
+    for text in specs:
+        DropSpec.parse(text)  # a bad spec fails before the scoring work
+    scores = {}
+    for spec in calib:
+        windows = sample_windows(tokenizer, spec, calib_samples, calib_seq_len, calib_seed)
+        scores[spec] = score_graph(graph, windows, streaming=streaming, metric=metric, compare=compare,
+                                   batch_size=batch_size, device=device, dtype=torch_dtype, progress=not quiet, source=spec)
+    first_spec = DropSpec.parse(specs[0])
+    n_first = first_spec.resolve(graph, specs[0])
+    for result in scores.values():
+        marked = {m.label for m in rank_modules(result, first_spec.mode)[:n_first]}
+        click.echo(format_table(result, marked))
+        click.echo(f"(* = the {n_first} {first_spec.mode} module(s) --drop {specs[0]} would remove)\n")
+    stability = [stability_of(scores, text, graph) for text in specs] if len(scores) > 1 else []
+    for i, pair in enumerate(stability[0].pairs if stability else []):
+        a, b = pair["sources"]
+        rho = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in pair["spearman"].items())
+        overlap = ", ".join(f"{text} {item.pairs[i]['jaccard']:.2f}" for text, item in zip(specs, stability))
+        click.echo(f"{a} vs {b}: Spearman rank correlation {rho}; drop-set overlap (Jaccard) {overlap}")
+    for item in stability:
+        if item.warning():
+            click.echo(f"warning: {item.warning()}", err=True)
+    if json_path:
+        data = {"source": source, "family": graph.family, "num_layers": len(graph.blocks),
+                "calibration": {"samples": calib_samples, "seq_len": calib_seq_len, "seed": calib_seed},
+                "scores": {spec: result.to_dict() for spec, result in scores.items()},
+                "stability": [item.to_dict() for item in stability]}
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bool, trust_remote_code: bool):
     from .conversion import load_model, load_tokenizer
     from .source import resolve_source

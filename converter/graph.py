@@ -160,6 +160,25 @@ class CheckpointGraph:
             for b in self.blocks
         ]
 
+    def describe(self) -> str:
+        """A readable listing of the graph: each node, its state, tensor count and parameters."""
+        lines = [f"{self.family} ({self.architecture.kind}), {len(self.blocks)} blocks, {self.num_params():,} parameters"]
+
+        def row(label: str, node: Node) -> str:
+            params = sum(t.numel for t in node.tensors.values())
+            note = f"  [{node.reason}]" if node.reason else ""
+            return f"  {label:<16} {node.state:<9} {len(node.tensors):>3} tensors {params:>12,} params{note}"
+
+        lines.append(row("embeddings", self.embeddings))
+        for block in self.blocks:
+            lines.append(row(f"{block.index}.attention", block.attention))
+            lines.append(row(f"{block.index}.mlp", block.mlp))
+        lines.append(row("final_norm", self.final_norm))
+        lines.append(row("head", self.head) if self.head.tensors else "  head             tied to the embeddings")
+        if self.kv_cache:
+            lines.append(f"  kv cache policy: {self.kv_cache}")
+        return "\n".join(lines)
+
     # ---- materialisation -------------------------------------------------------------------------
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         tensors = {}

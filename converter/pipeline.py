@@ -236,7 +236,7 @@ class PassContext:
         if spec is None:
             raise SlimformerError("this pass needs an evaluation source", fix="pass --eval-ppl SPEC")
         e = self.evaluation
-        return perplexity(model, self.tokenizer, spec, window=e.window, max_tokens=e.max_tokens).perplexity
+        return perplexity(model, self.tokenizer, spec, window=e.window, max_tokens=e.max_tokens, progress=self.progress).perplexity
 
 
 def build_passes(spec: PipelineSpec) -> list[Pass]:

@@ -123,3 +123,11 @@ def test_identity_conversion_of_tiny_model_via_cli(tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(source), "-o", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["qk_norm"] is True
+
+
+def test_cli_inspect_lists_every_node(tmp_path):
+    source = make_tiny("llama", tmp_path / "src", layers=2)
+    result = CliRunner().invoke(cli, ["inspect", str(source)])
+    assert result.exit_code == 0, result.output
+    for label in ("embeddings", "0.attention", "0.mlp", "1.attention", "1.mlp", "final_norm", "head"):
+        assert label in result.output

@@ -3,6 +3,6 @@
 from .configuration_slimformer import SlimformerConfig
 from .modeling_slimformer import SlimformerEncoderModel, SlimformerForCausalLM, SlimformerModel
 
-RUNTIME_FILES = ("configuration_slimformer.py", "modeling_slimformer.py", "kv_cache.py")
+RUNTIME_FILES = ("configuration_slimformer.py", "modeling_slimformer.py", "kv_cache.py", "sas.py")
 
 __all__ = ["RUNTIME_FILES", "SlimformerConfig", "SlimformerEncoderModel", "SlimformerForCausalLM", "SlimformerModel"]

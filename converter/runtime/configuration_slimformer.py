@@ -56,6 +56,7 @@ class SlimformerConfig(PretrainedConfig):
         qk_norm: bool = False,
         sliding_window: int | None = None,
         tie_word_embeddings: bool = False,
+        use_cache: bool = True,
         **kwargs: Any,
     ) -> None:
         self.base_model_type = base_model_type
@@ -83,6 +84,7 @@ class SlimformerConfig(PretrainedConfig):
                 f"block_configs has {len(self.block_configs)} entries but num_hidden_layers is {num_hidden_layers}"
             )
         self.kv_cache = kv_cache
+        self.use_cache = use_cache
         if base_model_type in ENCODER_FAMILIES:
             kwargs.setdefault("is_decoder", False)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -53,8 +53,8 @@ DEFAULT_CHUNK_SIZE = 128
 
 @dataclass(frozen=True)
 class LayerLimits:
-    """What one cache slot keeps: ``budget`` slots, of which the ``sink`` first and ``recent`` last real tokens
-    are protected and the remaining ``budget - sink - recent`` go to the highest scores."""
+    """What one cache slot keeps: ``budget`` slots; the ``sink`` first and ``recent`` last real tokens are
+    protected and the remaining ``budget - sink - recent`` go to the highest scores."""
 
     budget: int
     sink: int
@@ -136,6 +136,11 @@ class CachePolicy:
         return self.policy in EVICTING_POLICIES
 
     @property
+    def scores_attention(self) -> bool:
+        """A2SF and H2O rank tokens by accumulated attention; StreamingLLM keeps by position alone."""
+        return self.policy in ("a2sf", "h2o")
+
+    @property
     def effective_alpha(self) -> float:
         if self.policy == "h2o":
             return 1.0
@@ -156,53 +161,86 @@ class CachePolicy:
         return alpha**self.score_window / (1.0 - alpha)
 
     def validate(self, num_slots: int | None = None) -> None:
-        """Raise ``ValueError`` saying what is wrong and how to fix it; ``num_slots`` checks ``layer_budgets``."""
-        if self.policy not in POLICIES:
-            raise ValueError(f"kv_cache policy {self.policy!r} is unknown; choose one of {', '.join(POLICIES)}")
+        """Raise ``ValueError`` saying what is wrong and how to fix it.
+
+        ``num_slots`` (the model's cache slots, when known) also checks the length of ``layer_budgets``.
+        """
+        _require(
+            self.policy in POLICIES, f"kv_cache policy {self.policy!r} is unknown; choose one of {POLICIES}"
+        )
         for name in ("budget", "recent", "sink", "score_window", "chunk_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"kv_cache {name}={value!r} must be a non-negative integer")
-        for name in ("budget", "score_window", "chunk_size"):
-            if getattr(self, name) == 0:
-                raise ValueError(f"kv_cache {name} must be at least 1")
-        if self.alpha is not None and not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"kv_cache alpha={self.alpha} must lie in (0, 1] (1 = H2O, towards 0 = recency)")
-        if self.budget_ratio is not None and not 0.0 < self.budget_ratio <= 1.0:
-            raise ValueError(f"kv_cache budget_ratio={self.budget_ratio} must lie in (0, 1] (a fraction of the prompt)")
-        if self.recent_ratio is not None and not 0.0 <= self.recent_ratio <= 1.0:
-            raise ValueError(f"kv_cache recent_ratio={self.recent_ratio} must lie in [0, 1] (a fraction of the budget)")
-        budgets = [name for name in ("budget", "budget_ratio", "layer_budgets") if getattr(self, name) is not None]
-        if not self.evicts:
-            if budgets:
-                raise ValueError(f"kv_cache policy 'none' never evicts, so {budgets[0]} means nothing; remove it or pick an evicting policy")
-            return
-        if len(budgets) != 1:
-            raise ValueError(
-                f"kv_cache policy {self.policy!r} needs exactly one of budget (tokens), budget_ratio (fraction of the "
-                f"prompt) or layer_budgets (tokens per cache slot); got {budgets or 'none'}"
+            _require(
+                value is None or _is_count(value), f"kv_cache {name}={value!r} must be a non-negative integer"
             )
-        if self.policy == "h2o" and self.alpha not in (None, 1.0):
-            raise ValueError(f"h2o is A2SF with alpha=1; use policy=a2sf for alpha={self.alpha}")
+        for name in ("budget", "score_window", "chunk_size"):
+            _require(getattr(self, name) != 0, f"kv_cache {name} must be at least 1")
+        _require(
+            self.alpha is None or 0.0 < self.alpha <= 1.0,
+            f"kv_cache alpha={self.alpha} must lie in (0, 1] (1 = H2O, towards 0 = recency)",
+        )
+        _require(
+            self.budget_ratio is None or 0.0 < self.budget_ratio <= 1.0,
+            f"kv_cache budget_ratio={self.budget_ratio} must lie in (0, 1] (a fraction of the prompt)",
+        )
+        _require(
+            self.recent_ratio is None or 0.0 <= self.recent_ratio <= 1.0,
+            f"kv_cache recent_ratio={self.recent_ratio} must lie in [0, 1] (a fraction of the budget)",
+        )
+        budgets = [
+            name for name in ("budget", "budget_ratio", "layer_budgets") if getattr(self, name) is not None
+        ]
+        if not self.evicts:
+            _require(
+                not budgets,
+                f"kv_cache policy 'none' never evicts; remove {budgets} or pick an evicting policy",
+            )
+            return
+        _require(
+            len(budgets) == 1,
+            f"kv_cache policy {self.policy!r} needs exactly one of budget (tokens), budget_ratio (fraction of "
+            f"the prompt) or layer_budgets (tokens per cache slot); got {budgets or 'none'}",
+        )
+        _require(
+            self.policy != "h2o" or self.alpha in (None, 1.0),
+            f"h2o is A2SF with alpha=1; use policy=a2sf for alpha={self.alpha}",
+        )
         if self.policy == "streaming":
-            given = [name for name in ("alpha", "recent", "recent_ratio", "score_window") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(f"streaming keeps sink + the last budget - sink tokens and scores nothing; remove {', '.join(given)}")
-        if self.recent is not None and self.recent_ratio is not None:
-            raise ValueError("give the recent window either as recent (tokens) or as recent_ratio (fraction of the budget), not both")
-        if self.score_window is not None and self.effective_alpha >= 1.0:
-            raise ValueError("score_window needs alpha < 1: with alpha = 1 every query row counts fully")
+            extra = [
+                name
+                for name in ("alpha", "recent", "recent_ratio", "score_window")
+                if getattr(self, name) is not None
+            ]
+            _require(
+                not extra,
+                f"streaming keeps sink + the last budget - sink tokens and scores nothing; remove {extra}",
+            )
+        _require(
+            self.recent is None or self.recent_ratio is None,
+            "give the recent window either as recent (tokens) or as recent_ratio (fraction of the budget), not both",
+        )
+        _require(
+            self.score_window is None or self.effective_alpha < 1.0,
+            "score_window needs alpha < 1: with alpha = 1 every query row counts fully",
+        )
         if self.layer_budgets is not None:
-            if not isinstance(self.layer_budgets, list) or not self.layer_budgets:
-                raise ValueError("kv_cache layer_budgets must be a non-empty list of token counts, one per cache slot")
-            if num_slots is not None and len(self.layer_budgets) != num_slots:
-                raise ValueError(f"kv_cache layer_budgets has {len(self.layer_budgets)} entries but the model has {num_slots} cache slots")
+            _require(
+                isinstance(self.layer_budgets, list) and len(self.layer_budgets) > 0,
+                "kv_cache layer_budgets must be a non-empty list of token counts, one per cache slot",
+            )
+            _require(
+                num_slots is None or len(self.layer_budgets) == num_slots,
+                f"kv_cache layer_budgets has {len(self.layer_budgets)} entries but the model has {num_slots} cache slots",
+            )
         for budget in self.layer_budgets or ([self.budget] if self.budget is not None else []):
-            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-                raise ValueError(f"kv_cache budget {budget!r} must be a positive integer")
+            _require(
+                _is_count(budget) and budget >= 1, f"kv_cache budget {budget!r} must be a positive integer"
+            )
             sink, recent = self.effective_sink, self._recent_for(budget)
-            if budget < sink + recent:
-                raise ValueError(f"kv_cache budget {budget} is smaller than sink {sink} + recent {recent}; raise the budget or shrink them")
+            _require(
+                budget >= sink + recent,
+                f"kv_cache budget {budget} is smaller than sink {sink} + recent {recent}; raise it or shrink them",
+            )
 
     def _recent_for(self, budget: int) -> int:
         if self.policy == "streaming":
@@ -226,6 +264,15 @@ class CachePolicy:
         recent = self._recent_for(budget)
         # A ratio budget on a short prompt may be smaller than the protected tokens: protect them all.
         return LayerLimits(budget=max(budget, sink + recent), sink=sink, recent=recent)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _parse_value(key: str, raw: str) -> Any:
@@ -325,7 +372,7 @@ class EvictingLayer(DynamicLayer):
         """Accumulate this step's attention probabilities, then evict down to the budget."""
         if self.limits is None:
             return
-        if self.policy.policy in ("a2sf", "h2o"):
+        if self.policy.scores_attention:
             self._accumulate(query, bias, scaling)
         if self.physical_length() > self.limits.budget:
             self._evict()
@@ -341,10 +388,14 @@ class EvictingLayer(DynamicLayer):
         if bias is not None:
             # The attention's own bias, [B, 1 | H_kv | H, q, P] -> [B, 1 | H_kv, 1 | G, q, P].
             heads = bias.shape[1]
-            bias = bias.float().reshape(bias.shape[0], heads // groups if heads == n_heads else heads, -1, q_len, phys)
-        # Rows of padding tokens see no real key (their softmax is spread over masked slots): they score nothing.
+            bias = bias.float().reshape(
+                bias.shape[0], heads // groups if heads == n_heads else heads, -1, q_len, phys
+            )
+        # Rows of padding tokens see no real key (their softmax spreads over masked slots): they score nothing.
         row_weight = self.valid[:, :, phys - q_len :].float()
-        row_weight = row_weight * alpha ** torch.arange(q_len - 1, -1, -1, device=query.device, dtype=torch.float32)
+        row_weight = row_weight * alpha ** torch.arange(
+            q_len - 1, -1, -1, device=query.device, dtype=torch.float32
+        )
         first = 0
         if self.policy.score_window is not None:
             first = max(0, q_len - self.policy.score_window)  # older rows weigh at most alpha^W each
@@ -474,7 +525,9 @@ def past_key_validity(
     return attention_mask[:, None, :past_len].bool(), past_len
 
 
-def observe_attention(cache: Cache, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> None:
+def observe_attention(
+    cache: Cache, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float
+) -> None:
     observe = getattr(cache, "observe", None)
     if observe is not None:
         observe(slot, query, bias, scaling)

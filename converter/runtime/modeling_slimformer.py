@@ -48,6 +48,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_slimformer import SlimformerConfig
 from .kv_cache import new_cache, observe_attention, past_key_validity
+from .sas import STANDARD, SasDecoderLayer, attention_form
 
 # Attention kernels that treat a missing mask as causal; every other one (eager, custom ones) gets it explicitly.
 IMPLICITLY_CAUSAL = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -217,6 +218,13 @@ class SlimformerDecoderLayer(nn.Module):
         return hidden_states
 
 
+def decoder_layer(config: SlimformerConfig, layer_idx: int, cache_idx: int | None) -> nn.Module:
+    """The standard pre-norm layer, or a simplified one (SAS, see ``sas.py``) when its block config names a form."""
+    if attention_form(config, layer_idx) == STANDARD:
+        return SlimformerDecoderLayer(config, layer_idx, cache_idx)
+    return SasDecoderLayer(config, layer_idx, cache_idx, SlimformerMLP(config) if config.ffn_kept(layer_idx) else None)
+
+
 class SlimformerPreTrainedModel(PreTrainedModel):
     config_class = SlimformerConfig
     config: SlimformerConfig
@@ -224,7 +232,7 @@ class SlimformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _supports_attention_backend = True
-    _no_split_modules = ["SlimformerDecoderLayer", "SlimformerEncoderLayer"]
+    _no_split_modules = ["SlimformerDecoderLayer", "SasDecoderLayer", "SlimformerEncoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -249,7 +257,7 @@ class SlimformerModel(SlimformerPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         cache_slots = {layer: slot for slot, layer in enumerate(config.cache_layer_indices)}
         self.layers = nn.ModuleList(
-            SlimformerDecoderLayer(config, i, cache_slots.get(i)) for i in range(config.num_hidden_layers)
+            decoder_layer(config, i, cache_slots.get(i)) for i in range(config.num_hidden_layers)
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
