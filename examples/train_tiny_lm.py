@@ -292,9 +292,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained("examples/models/tiny-stdlib-lm")
 model = AutoModelForCausalLM.from_pretrained("examples/models/tiny-stdlib-lm")
-ids = tokenizer("def ", return_tensors="pt").input_ids
+ids = tokenizer("def get_", return_tensors="pt").input_ids
 print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))
 ```
+
+End prompts without a trailing space: like GPT-2's, the tokenizer attaches a space to the word \
+after it, so a prompt ending in a space is out of distribution (`"def "` drifts; `"def"` does not).
 
 ## Model
 
