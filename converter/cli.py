@@ -178,7 +178,7 @@ def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
               help="1 - cos(X, Y) (LLM-Drop) or the angular distance arccos(cos)/pi.")
 @click.option("--compare", type=click.Choice(["residual", "norm_output"]), default="residual", show_default=True,
               help="residual: X before the norm vs X + f(norm X) (LLM-Drop); norm_output: norm(X) vs f(norm X).")
-@click.option("--drop", help="Drop spec whose drop set is compared across sources (default: 25%% of each kind).")
+@click.option("--drop", help="Drop spec whose drop set is compared across sources (default: a quarter of each kind).")
 @click.option("--streaming", is_flag=True, help="Score one layer at a time (one block's weights in memory).")
 @click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON to this file.")
@@ -266,7 +266,9 @@ def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bo
 @click.option("--window", default=256, show_default=True, help="Tokens per evaluation window.")
 @click.option("--stride", type=int, help="Advance between windows (default: window, i.e. disjoint windows).")
 @click.option("--max-tokens", default=16384, show_default=True, help="Evaluate at most this many tokens of the source.")
-@click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5.")
+@click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5 (policy=none: full cache).")
+@click.option("--continuation", type=int, help="Under eviction: tokens decoded and scored at the end of each window (default: window/4).")
+@click.option("--chunk", type=int, help="Under eviction: continuation tokens fed per forward (default 1: token by token).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True)
@@ -274,24 +276,61 @@ def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bo
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, max_tokens: int, a2sf: str | None,
-                 json_path: Path | None, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
+                 continuation: int | None, chunk: int | None, json_path: Path | None, device: str, dtype: str,
+                 allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
     """Measure perplexity of CKPT (converted or original) and print `perplexity: <value>`.
+
+    \b
+    When a KV-cache policy that evicts is active (stored in CKPT by the a2sf pass, or given with --a2sf),
+    scoring a window in one forward would never see the eviction, so each window is split: its first
+    tokens are the prompt (prefilled, then the cache evicts down to its budget) and its last
+    --continuation tokens are decoded --chunk at a time through that cache and scored. A second line
+    gives the full-cache perplexity of the same tokens and the difference.
 
     \b
     Examples:
       slimformer eval out --ppl stdlib:valid
       slimformer eval out --ppl wiki.test.raw --window 512 --stride 256 --json ppl.json
+      slimformer eval out --ppl stdlib:valid --window 512 --a2sf budget_ratio=0.2,alpha=0.1
     """
-    from .evaluation import perplexity
-    from .runtime.kv_cache import new_cache
+    from .evaluation import eviction_perplexity, perplexity
 
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
-    cache_factory = (lambda: new_cache(model.config)) if a2sf else None
-    result = perplexity(model, tokenizer, ppl_source, window=window, stride=stride, max_tokens=max_tokens,
-                        progress=not quiet, cache_factory=cache_factory)
-    click.echo(f"perplexity: {result.perplexity:.4f}")
+    policy = _active_policy(model, ckpt)
+    if policy is None and continuation is None and chunk is None:
+        result = perplexity(model, tokenizer, ppl_source, window=window, stride=stride, max_tokens=max_tokens,
+                            progress=not quiet)
+        click.echo(f"perplexity: {result.perplexity:.4f}")
+        record = {"checkpoint": ckpt, **result.to_dict()}
+    else:
+        if stride is not None:
+            raise SlimformerError("--stride does not apply to perplexity under KV-cache eviction (windows are disjoint)",
+                                  fix="drop --stride, or measure the full cache with --a2sf policy=none")
+        # The model's own cache is the active policy (load_model applied any --a2sf override to its config).
+        result = eviction_perplexity(model, tokenizer, ppl_source, window=window, continuation=continuation,
+                                     chunk=chunk or 1, max_tokens=max_tokens, progress=not quiet)
+        click.echo(f"perplexity: {result.perplexity:.4f}")
+        click.echo(f"full-cache perplexity of the same tokens: {result.full_cache_perplexity:.4f} "
+                   f"({result.increase_pct:+.2f}% from eviction; {result.n_windows} windows of {result.prompt_len} prompt + "
+                   f"{result.continuation} decoded tokens, chunk {result.chunk}, cache held {result.cache_tokens} tokens/slot)")
+        record = {"checkpoint": ckpt, "kv_cache": policy.to_dict() if policy else None, **result.to_dict()}
     if json_path:
-        json_path.write_text(json.dumps({"checkpoint": ckpt, **result.to_dict()}, indent=2) + "\n")
+        json_path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _active_policy(model: Any, ckpt: str) -> Any:
+    """The evicting CachePolicy the model's own cache follows, or ``None`` for a plain cache."""
+    from .runtime.kv_cache import CachePolicy
+
+    spec = getattr(model.config, "kv_cache", None)
+    if not spec:
+        return None
+    try:
+        policy = CachePolicy.from_dict(dict(spec))
+    except ValueError as exc:
+        raise SlimformerError(f"the checkpoint's kv_cache config is invalid: {exc}", where=f"{ckpt}/config.json",
+                              fix="override it with --a2sf, or re-run the conversion") from exc
+    return policy if policy.evicts else None
 
 
 @cli.command(context_settings=CONTEXT)
@@ -323,18 +362,56 @@ def generate(ckpt: str, prompt: str, max_new_tokens: int, sample: bool, temperat
         from exporters.onnx import generate_text
 
         click.echo(generate_text(ckpt, prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                                 top_p=top_p, seed=seed, a2sf=_kv_cache_override(a2sf)))
+                                 top_p=top_p, seed=seed, a2sf=_kv_cache_override(a2sf), device=device))
         return
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
     if model.config.is_encoder:
         raise SlimformerError("generate needs a causal language model; this checkpoint is an encoder", where=ckpt)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(device)
     torch.manual_seed(seed)
     kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
     click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+@cli.group(context_settings=CONTEXT)
+def export() -> None:
+    """Export a converted checkpoint to another runtime's format (see `slimformer export onnx -h`)."""
+
+
+@export.command("onnx", context_settings=CONTEXT)
+@click.argument("ckpt")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (18-20).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Precision of the exported weights and caches.")
+@click.option("--cache-op/--no-cache-op", default=None, help="Put the A2SF cache-eviction op into the graph (default: when the checkpoint's kv_cache policy evicts).")
+@click.option("--no-validate", is_flag=True, help="Skip comparing ONNX Runtime with the PyTorch runtime after export.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def export_onnx(ckpt: str, out: Path, opset: int, dtype: str, cache_op: bool | None, no_validate: bool, overwrite: bool,
+                quiet: bool) -> None:
+    """Export the converted checkpoint CKPT to ONNX (model.onnx + tokenizer + slimformer_onnx.json) in OUT.
+
+    \b
+    Examples:
+      slimformer export onnx out -o out-onnx
+      slimformer export onnx out -o out-onnx --cache-op --dtype float16
+      slimformer generate out-onnx --runtime onnx --prompt "def main():"
+    """
+    from exporters.onnx import OnnxExportOptions
+    from exporters.onnx import export_onnx as run_export
+
+    options = OnnxExportOptions(opset=opset, dtype=dtype, cache_op=cache_op, validate=not no_validate,
+                                overwrite=overwrite, quiet=quiet)
+    metadata = run_export(ckpt, out, options)
+    if not quiet:
+        runs = (metadata.get("validation") or {}).get("runs", [])
+        worst = max((run["max_abs_diff"] for run in runs), default=None)
+        checked = f", validated (max |logits difference| {worst:.1e})" if worst is not None else ", not validated"
+        click.echo(f"{out}: opset {metadata['opset']}, {metadata['dtype']}, {len(metadata['cache_layers'])} cache slot(s)"
+                   f"{', A2SF cache op' if metadata['evicting'] else ''}{checked}")
 
 
 def main() -> None:

@@ -10,10 +10,26 @@ tokenizer. Nothing here depends on a particular architecture.
 * :func:`multiple_choice_accuracy` / :func:`loglikelihoods` -- zero-shot accuracy on an llm-foundry ICL
   ``.jsonl`` task, scored the way lm-evaluation-harness scores it.
 * :func:`speed_probe` -- prefill and decode tokens/s from a hand-written greedy decode loop.
+* :func:`eviction_perplexity` / :func:`eviction_perplexity_of_tokens` -- perplexity of continuations
+  *decoded* after a prompt, so that a KV cache which evicts tokens after each forward really shapes the
+  scores (see "Quality under KV-cache eviction" below); ``loglikelihoods`` / ``multiple_choice_accuracy``
+  take ``decode_chunk=`` for the same protocol.
 
 ``cache_factory`` (everywhere): an optional callable returning a *fresh* ``past_key_values`` object
 (e.g. an evicting KV cache) that is passed into every forward, so a cache op's effect on quality and
-speed is measured by exactly the same code as the plain model. ``None`` passes no cache.
+speed is measured by exactly the same code as the plain model. ``None`` passes no cache -- except in the
+decode protocol (``eviction_perplexity*``, ``decode_chunk=``), which always runs with a cache: there
+``None`` means the one the model builds itself with ``use_cache=True`` (for a slimformer checkpoint, the
+policy stored in its ``config.kv_cache``).
+
+Quality under KV-cache eviction: an evicting cache drops tokens *after* each forward. A sequence scored
+in one forward therefore attends to every token and measures nothing of the eviction -- ``perplexity``
+with an evicting ``cache_factory`` equals the plain number. The decode protocol measures it the way
+``generate()`` meets it: the prompt is prefilled in one forward (the cache then evicts down to its
+budget; a ``budget_ratio`` resolves against this prompt), and the continuation is teacher-forced
+``chunk`` tokens per forward (1 = exactly token-by-token decoding; larger chunks are faster and let the
+cache hold up to ``budget + chunk - 1`` tokens while a chunk is scored). The first continuation token is
+predicted by the prefill forward, before anything is evicted, exactly as in ``generate()``.
 
 All likelihood arithmetic is done in float64 on the scored positions, so a result does not depend on
 the batch size beyond the model's own floating-point noise.
@@ -40,9 +56,12 @@ from .calibration import token_stream
 from .errors import SlimformerError
 
 __all__ = [
+    "EvictionPerplexityResult",
     "MCResult",
     "PerplexityResult",
     "SpeedResult",
+    "eviction_perplexity",
+    "eviction_perplexity_of_tokens",
     "loglikelihoods",
     "multiple_choice_accuracy",
     "perplexity",
@@ -74,6 +93,39 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvictionPerplexityResult:
+    """Perplexity of decoded continuations under the model's KV cache, and on the same tokens with a full
+    cache (one forward, nothing evicted); see :func:`eviction_perplexity_of_tokens`.
+
+    ``cache_tokens`` is what the cache physically held per slot after the last step (the largest slot; a
+    full cache holds ``prompt_len + continuation - 1``), or ``None`` when the cache cannot tell. The
+    ``full_cache_*`` fields are ``None`` when the comparison was not asked for.
+    """
+
+    perplexity: float
+    nll: float
+    full_cache_perplexity: float | None
+    full_cache_nll: float | None
+    n_tokens: int
+    n_windows: int
+    prompt_len: int
+    continuation: int
+    chunk: int
+    cache_tokens: int | None
+    source: str
+
+    @property
+    def increase_pct(self) -> float | None:
+        """How much eviction raised perplexity over the full cache, in percent."""
+        if self.full_cache_perplexity is None:
+            return None
+        return 100.0 * (self.perplexity / self.full_cache_perplexity - 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "increase_pct": self.increase_pct}
 
 
 @dataclass(frozen=True)
@@ -112,6 +164,9 @@ class MCResult:
     acc_norm: float
     acc_stderr: float | None
     acc_norm_stderr: float | None
+    # The choice ``acc`` picked for each example, in file order: two runs (say with and without KV-cache
+    # eviction) can then be compared example by example, which still means something at chance accuracy.
+    predictions: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,10 +245,15 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` per position, float64: ``logits [..., vocab]`` and ``targets [...]``."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 def _token_logprob_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Sum of ``log p(target_i)`` for rows ``logits[i]`` (shape ``[n, vocab]``), computed in float64."""
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    return float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
+    return float(_token_logprobs(logits, targets).sum())
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
@@ -369,6 +429,207 @@ def perplexity(
         batch_size=batch_size,
         progress=progress,
         cache_factory=cache_factory,
+        source=spec,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality under KV-cache eviction: prefill a prompt, then decode (teacher-forced) the continuation
+# --------------------------------------------------------------------------------------------------
+
+
+def _cache_tokens(cache: Any) -> int | None:
+    """Tokens the cache physically holds in its fullest slot (an evicting cache says; a plain one keeps all)."""
+    lengths = getattr(cache, "physical_lengths", None)
+    if callable(lengths):
+        return max(lengths(), default=0)
+    seq_length = getattr(cache, "get_seq_length", None)
+    return int(seq_length()) if callable(seq_length) else None
+
+
+def _decoded_logprobs(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    continuation: torch.Tensor,
+    cache_factory: CacheFactory | None,
+    chunk: int,
+) -> tuple[torch.Tensor, Any]:
+    """``log p`` of each continuation token ``[B, C]`` (float64) when ``prompt [B, P]`` is prefilled in one
+    forward and ``continuation [B, C]`` is fed ``chunk`` tokens per forward through the same cache.
+
+    Returns the cache too, so callers can see what it holds. Rows are independent: tokens a row feeds
+    after its own last scored token (right padding) cannot change that row's scores.
+    """
+    batch, prompt_len = prompt.shape
+    n_cont = continuation.shape[1]
+    cache_kwargs = {} if cache_factory is None else {"past_key_values": cache_factory()}
+    # The mask covers every logical position so far (the usual generate() convention); slimformer's runtime
+    # masks by what its cache actually holds, other models by this mask.
+    mask = torch.ones(batch, prompt_len + n_cont, dtype=torch.long, device=prompt.device)
+    out = model(input_ids=prompt, attention_mask=mask[:, :prompt_len], use_cache=True, **cache_kwargs)
+    cache = out.past_key_values
+    if cache is None:
+        raise SlimformerError(
+            "the model returned no past_key_values with use_cache=True, so decoding cannot be measured",
+            fix="measure a model that supports a KV cache",
+        )
+    pieces = [_token_logprobs(out.logits[:, -1:], continuation[:, :1])]
+    fed = prompt_len
+    # The last continuation token is only ever predicted, never fed.
+    for start in range(0, n_cont - 1, chunk):
+        stop = min(start + chunk, n_cont - 1)
+        out = model(
+            input_ids=continuation[:, start:stop],
+            attention_mask=mask[:, : fed + stop - start],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        fed += stop - start
+        pieces.append(_token_logprobs(out.logits, continuation[:, start + 1 : stop + 1]))
+    return torch.cat(pieces, dim=1), cache
+
+
+def _full_cache_logprobs(
+    model: torch.nn.Module, prompt: torch.Tensor, continuation: torch.Tensor
+) -> torch.Tensor:
+    """The same ``[B, C]`` log-probabilities from one forward over prompt + continuation: nothing evicted."""
+    ids = torch.cat([prompt, continuation[:, :-1]], dim=1)
+    logits = _logits(model, ids, torch.ones_like(ids), None)
+    return _token_logprobs(logits[:, prompt.shape[1] - 1 :], continuation)
+
+
+def eviction_perplexity_of_tokens(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    *,
+    prompt_len: int,
+    continuation: int,
+    chunk: int = 1,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    progress: bool = False,
+    cache_factory: CacheFactory | None = None,
+    full_cache: bool = True,
+    source: str = "<tokens>",
+) -> EvictionPerplexityResult:
+    """Perplexity of ``continuation`` tokens decoded after a ``prompt_len``-token prompt, under a KV cache.
+
+    ``ids`` (1-D stream or 2-D ``[rows, length]``) is cut into disjoint windows of ``prompt_len +
+    continuation`` tokens (each row on its own; a short tail is dropped; at most ``max_windows``). Each
+    window's prompt is prefilled in one forward, then its continuation is teacher-forced ``chunk`` tokens
+    per forward through the same cache -- a fresh ``cache_factory()`` per batch of windows, or (``None``)
+    the cache the model builds itself. Only the ``continuation`` tokens are scored; the first of them is
+    predicted by the prefill forward. ``full_cache_*`` scores the same tokens in one forward over the
+    window (nothing evicted), so ``increase_pct`` is the cost of eviction alone (``full_cache=False``
+    skips it, e.g. when a benchmark compares many caches on the same windows). With a cache that keeps
+    everything (budget >= window) both numbers agree to float rounding.
+    """
+    for name, value in (
+        ("prompt_len", prompt_len),
+        ("continuation", continuation),
+        ("chunk", chunk),
+        ("batch_size", batch_size),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise SlimformerError(
+                f"eviction perplexity: {name} must be a positive integer (got {value!r})", fix=f"raise {name}"
+            )
+    if max_windows is not None and max_windows < 1:
+        raise SlimformerError(
+            f"max_windows must be at least 1 (got {max_windows})", fix="raise it or leave it unset"
+        )
+    window = prompt_len + continuation
+    max_positions = _max_positions(model)
+    if max_positions is not None and window > max_positions:
+        raise SlimformerError(
+            f"prompt + continuation = {window} tokens is longer than the model's {max_positions} positions",
+            where=source,
+            fix=f"use at most {max_positions} tokens per window",
+        )
+    rows = (ids.view(1, -1) if ids.dim() == 1 else ids).long()
+    windows = [
+        rows[r, begin : begin + window]
+        for r in range(rows.shape[0])
+        for begin in range(0, rows.shape[1] - window + 1, window)
+    ]
+    windows = windows[:max_windows]
+    if not windows:
+        raise SlimformerError(
+            f"nothing to score: each row has {rows.shape[1]} token(s), a window needs {window}",
+            where=source,
+            fix="use a longer source, a larger max_tokens, or a shorter prompt/continuation",
+        )
+
+    device = _model_device(model)
+    nll_sum = full_nll_sum = 0.0
+    cache_tokens: int | None = None
+    batches = [
+        torch.stack(windows[i : i + batch_size]).to(device) for i in range(0, len(windows), batch_size)
+    ]
+    with _evaluating(model), _progress(len(batches), "eviction perplexity", progress) as bar:
+        for batch in batches:
+            prompt, cont = batch[:, :prompt_len], batch[:, prompt_len:]
+            logprobs, cache = _decoded_logprobs(model, prompt, cont, cache_factory, chunk)
+            nll_sum -= float(logprobs.sum())
+            if full_cache:
+                full_nll_sum -= float(_full_cache_logprobs(model, prompt, cont).sum())
+            cache_tokens = _cache_tokens(cache)
+            bar.update(1)
+
+    n_tokens = len(windows) * continuation
+    nll = nll_sum / n_tokens
+    full_nll = full_nll_sum / n_tokens if full_cache else None
+    return EvictionPerplexityResult(
+        perplexity=math.exp(nll),
+        nll=nll,
+        full_cache_perplexity=math.exp(full_nll) if full_nll is not None else None,
+        full_cache_nll=full_nll,
+        n_tokens=n_tokens,
+        n_windows=len(windows),
+        prompt_len=prompt_len,
+        continuation=continuation,
+        chunk=chunk,
+        cache_tokens=cache_tokens,
+        source=source,
+    )
+
+
+def eviction_perplexity(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: str,
+    *,
+    window: int = 256,
+    continuation: int | None = None,
+    chunk: int = 1,
+    max_tokens: int | None = 16384,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    cache_factory: CacheFactory | None = None,
+    full_cache: bool = True,
+) -> EvictionPerplexityResult:
+    """:func:`eviction_perplexity_of_tokens` on the text source ``spec``: disjoint windows of ``window``
+    tokens, of which the last ``continuation`` (default: a quarter of the window) are decoded and scored
+    after the first ``window - continuation`` are prefilled as the prompt."""
+    continuation = max(1, window // 4) if continuation is None else continuation
+    if not 1 <= continuation < window:
+        raise SlimformerError(
+            f"continuation must be between 1 and window - 1 = {window - 1} (got {continuation})",
+            fix="the window holds the prompt and the continuation; shorten the continuation or widen the window",
+        )
+    ids = token_stream(tokenizer, spec, max_tokens)
+    return eviction_perplexity_of_tokens(
+        model,
+        ids,
+        prompt_len=window - continuation,
+        continuation=continuation,
+        chunk=chunk,
+        batch_size=batch_size,
+        max_windows=max_windows,
+        progress=progress,
+        cache_factory=cache_factory,
+        full_cache=full_cache,
         source=spec,
     )
 
@@ -672,6 +933,7 @@ def loglikelihoods(
     batch_size: int = 8,
     progress: bool = False,
     cache_factory: CacheFactory | None = None,
+    decode_chunk: int | None = None,
 ) -> list[float]:
     """``log p(continuation | context)`` for each ``(context, continuation)`` pair, in float64.
 
@@ -680,7 +942,16 @@ def loglikelihoods(
     front when its convention is to add one (otherwise, for an empty context, EOS serves as the only
     context token, as in lm-eval). Sequences longer than the model's ``max_position_embeddings`` are cut
     from the left. Requests are batched longest first with right padding and an attention mask.
+
+    ``decode_chunk`` switches to the decode protocol (module docstring), for quality under KV-cache
+    eviction: the context is the prompt, prefilled in one forward, and the continuation is fed
+    ``decode_chunk`` tokens per forward through the same cache (``cache_factory()``, or the model's own).
+    Requests with the same context (one example's choices) share a batch; others run one at a time.
     """
+    if decode_chunk is not None and decode_chunk < 1:
+        raise SlimformerError(
+            f"decode_chunk must be at least 1 (got {decode_chunk})", fix="use 1 for token-by-token decoding"
+        )
     if batch_size < 1:
         raise SlimformerError(f"batch size must be at least 1 (got {batch_size})", fix="raise the batch size")
     prefix = _bos_prefix(tokenizer)
@@ -708,11 +979,16 @@ def loglikelihoods(
         inputs.append(model_input)
         targets.append(whole[len(whole) - n_scored :] if n_scored else [])
 
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    if decode_chunk is not None:
+        return _decoded_loglikelihoods(
+            model, inputs, targets, batch_size, progress, cache_factory, decode_chunk, pad_id
+        )
+
     # Longest first: similar lengths share a batch (little padding), and an out-of-memory shows at once.
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
     device = _model_device(model)
 
     results = [0.0] * len(requests)
@@ -734,6 +1010,47 @@ def loglikelihoods(
     return results
 
 
+def _decoded_loglikelihoods(
+    model: torch.nn.Module,
+    inputs: list[list[int]],
+    targets: list[list[int]],
+    batch_size: int,
+    progress: bool,
+    cache_factory: CacheFactory | None,
+    chunk: int,
+    pad_id: int,
+) -> list[float]:
+    """The decode protocol for :func:`loglikelihoods`: prompt = the model input minus the scored tail."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (model_input, target) in enumerate(zip(inputs, targets)):
+        if target:  # nothing to score: log p = 0
+            prompt = tuple(model_input[: len(model_input) - len(target) + 1])
+            groups.setdefault(prompt, []).append(index)
+    # Same prompt, same batch: the rows differ only in their continuations, so no prompt padding is needed
+    # (padding inside the prompt would shift what an evicting cache keeps).
+    batches = [
+        (prompt, members[i : i + batch_size])
+        for prompt, members in groups.items()
+        for i in range(0, len(members), batch_size)
+    ]
+    device = _model_device(model)
+    results = [0.0] * len(inputs)
+    with _evaluating(model), _progress(len(batches), "loglikelihood (decode)", progress) as bar:
+        for prompt, batch in batches:
+            width = max(len(targets[index]) for index in batch)
+            continuation = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            for row, index in enumerate(batch):
+                continuation[row, : len(targets[index])] = torch.tensor(targets[index])
+            prompt_ids = torch.tensor(prompt, dtype=torch.long).expand(len(batch), -1)
+            logprobs, _ = _decoded_logprobs(
+                model, prompt_ids.to(device), continuation.to(device), cache_factory, chunk
+            )
+            for row, index in enumerate(batch):
+                results[index] = float(logprobs[row, : len(targets[index])].sum())
+            bar.update(1)
+    return results
+
+
 def _stderr(p: float, n: int) -> float | None:
     # lm-eval's stderr of a mean of 0/1 scores: sample standard deviation over sqrt(n).
     return math.sqrt(p * (1.0 - p) / (n - 1)) if n > 1 else None
@@ -749,6 +1066,7 @@ def multiple_choice_accuracy(
     progress: bool = False,
     cache_factory: CacheFactory | None = None,
     evals_dir: str | os.PathLike[str] | None = None,
+    decode_chunk: int | None = None,
 ) -> MCResult:
     """Zero-shot accuracy on one llm-foundry ICL ``.jsonl`` task, scored as lm-evaluation-harness does.
 
@@ -766,6 +1084,8 @@ def multiple_choice_accuracy(
     BOS and truncation). ``acc`` picks the highest score; ``acc_norm`` divides each score by the
     character length of the choice text (without the joining space), lm-eval's ``acc_norm``; for
     Winogrande all choices share one continuation so ``acc_norm == acc``. Ties go to the first choice.
+    ``decode_chunk`` scores under the decode protocol (the context is the prompt; see :func:`loglikelihoods`),
+    which is what makes an evicting cache matter.
     """
     if limit is not None and limit < 1:
         raise SlimformerError(
@@ -775,16 +1095,24 @@ def multiple_choice_accuracy(
     examples = _load_examples(path, limit)
     requests = [request for example in examples for request in example.requests]
     scores = loglikelihoods(
-        model, tokenizer, requests, batch_size=batch_size, progress=progress, cache_factory=cache_factory
+        model,
+        tokenizer,
+        requests,
+        batch_size=batch_size,
+        progress=progress,
+        cache_factory=cache_factory,
+        decode_chunk=decode_chunk,
     )
 
     correct = correct_norm = 0
+    predictions = []
     offset = 0
     for example in examples:
         own = scores[offset : offset + len(example.requests)]
         offset += len(example.requests)
         normalised = [score / max(length, 1) for score, length in zip(own, example.norm_lengths)]
-        correct += max(range(len(own)), key=own.__getitem__) == example.gold
+        predictions.append(max(range(len(own)), key=own.__getitem__))
+        correct += predictions[-1] == example.gold
         correct_norm += max(range(len(own)), key=normalised.__getitem__) == example.gold
 
     n = len(examples)
@@ -797,4 +1125,5 @@ def multiple_choice_accuracy(
         acc_norm=acc_norm,
         acc_stderr=_stderr(acc, n),
         acc_norm_stderr=_stderr(acc_norm, n),
+        predictions=tuple(predictions),
     )

@@ -174,7 +174,7 @@ CASES = {
         [LayerLimits(8, 1, 3)] * 2,
         0.5,
     ),
-    "a2sf-0.1-default-split": Case(CachePolicy("a2sf", budget=8), [LayerLimits(8, 0, 6)] * 2, 0.1),
+    "a2sf-default-split": Case(CachePolicy("a2sf", budget=8), [LayerLimits(8, 0, 6)] * 2, 0.9),
     "a2sf-0.9": Case(CachePolicy("a2sf", budget=8, alpha=0.9, recent=2), [LayerLimits(8, 0, 2)] * 2, 0.9),
     "h2o-layer-budgets": Case(
         CachePolicy("h2o", layer_budgets=[6, 9], recent=2, sink=1),
@@ -379,9 +379,9 @@ def test_policy_defaults_and_round_trip() -> None:
     assert CachePolicy.from_dict(policy.to_dict()) == policy
     assert CachePolicy.parse("policy=h2o, budget=256").effective_alpha == 1.0
     assert CachePolicy.parse("layer_budgets=6:9,recent=2").layer_budgets == [6, 9]
-    # Defaults as measured (DESIGN.md §3): alpha 0.1, 75% of the budget recent, no sinks.
+    # Defaults as measured (benchmarks/a2sf_quality.py; DESIGN.md §3): alpha 0.9, 75% recent, no sinks.
     default = CachePolicy.parse("budget=76")
-    assert default.policy == "a2sf" and default.effective_alpha == 0.1
+    assert default.policy == "a2sf" and default.effective_alpha == 0.9
     assert default.limits(slot=0, prompt_len=384) == LayerLimits(budget=76, sink=0, recent=57)
     assert CachePolicy.parse("").policy == "none"
     assert isinstance(new_cache(tiny_model("sdpa").config), DynamicCache)
