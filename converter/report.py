@@ -78,6 +78,13 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     before, after = evaluation.get("perplexity_before"), evaluation.get("perplexity_after")
     if before is not None and after is not None:
         rows.append((f"perplexity ({evaluation.get('source')})", f"{before:.3f}", f"{after:.3f}", _ratio(before, after)))
+    for record in report.get("passes", []):
+        # Perplexity above scores each window in one forward, which never evicts; the a2sf pass measures the
+        # cost of eviction itself (prompt prefilled, continuation decoded through the evicting cache).
+        evicted = (record.get("changes") or {}).get("eviction_perplexity")
+        if evicted and evicted.get("full_cache_perplexity") is not None:
+            rows.append(("perplexity under KV eviction", f"{evicted['full_cache_perplexity']:.3f}",
+                         f"{evicted['perplexity']:.3f}", f"{evicted['increase_pct']:+.1f}%"))
     return rows
 
 
