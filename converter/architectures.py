@@ -56,8 +56,11 @@ class LlamaFamily(Architecture):
     family = "llama"
     model_types = ("llama",)
     _layer = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
-    _attention = re.compile(r"^(input_layernorm\.weight|self_attn\.[qkvo]_proj\.(?:weight|bias)|self_attn\.[qk]_norm\.weight)$")
-    _mlp = re.compile(r"^(post_attention_layernorm\.weight|mlp\.(?:gate|up|down)_proj\.(?:weight|bias))$")
+    # Simplified (SAS) layers add per-head shaped-attention gains, reparameterised value/projection maps and the
+    # MLP branch gain (converter/runtime/sas.py).
+    _attention = re.compile(r"^(input_layernorm\.weight|self_attn\.[qkvo]_proj\.(?:weight|bias)|self_attn\.[qk]_norm\.weight"
+                            r"|self_attn\.shaped_(?:alpha|beta|gamma)|self_attn\.(?:value|proj)\.(?:alpha|beta|delta))$")
+    _mlp = re.compile(r"^(post_attention_layernorm\.weight|mlp\.(?:gate|up|down)_proj\.(?:weight|bias)|mlp_gain)$")
 
     def runtime_config(self, config: dict[str, Any]) -> dict[str, Any]:
         base = super().runtime_config(config)

@@ -38,6 +38,11 @@ class TensorRef:
     source_name: str | None = None
     value: torch.Tensor | None = None
 
+    @classmethod
+    def from_tensor(cls, name: str, tensor: torch.Tensor) -> TensorRef:
+        """A tensor a pass computed: it lives in memory (``value``), not in a source file."""
+        return cls(name, tuple(tensor.shape), str(tensor.dtype), value=tensor)
+
     def load(self) -> torch.Tensor:
         if self.value is not None:
             return self.value
@@ -143,8 +148,12 @@ class CheckpointGraph:
         if self.is_encoder:
             return 0
         config = self.base_config
-        per_layer = 2 * config["num_key_value_heads"] * config["head_dim"] * DTYPE_BYTES[dtype]
-        return per_layer * sum(1 for b in self.blocks if b.attention.kept)
+        keys = config["num_key_value_heads"] * config["head_dim"]
+        # A simplified (SAS) layer caches identity values, one head_dim slice per *query* head (runtime/sas.py).
+        sas_values = config["num_attention_heads"] * config["head_dim"]
+        widths = [keys + (keys if b.attention.details.get("form", "standard") == "standard" else sas_values)
+                  for b in self.blocks if b.attention.kept]
+        return sum(widths) * DTYPE_BYTES[dtype]
 
     def layer_states(self) -> list[dict[str, Any]]:
         return [

@@ -429,9 +429,9 @@ class EvictingLayer(DynamicLayer):
         self._gather(keep)
 
     def _gather(self, keep: torch.Tensor) -> None:
-        index = keep[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, index)
-        self.values = self.values.gather(2, index)
+        # Values may be wider than keys (SAS identity values under GQA), so each gets its own index.
+        self.keys = self.keys.gather(2, keep[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        self.values = self.values.gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         self.scores = self.scores.gather(2, keep)
         self.valid = self.valid.gather(2, keep)
         self.positions = self.positions.gather(2, keep)

@@ -1,23 +1,21 @@
 """Simplified transformer blocks (He & Hofmann, "Simplifying Transformer Blocks", arXiv 2311.01906).
 
 A layer whose block config names a ``form`` (``block_configs[i]["attention"]["form"]``) is built here
-instead of as the standard pre-norm layer of ``modeling_slimformer.py``:
+instead of as the standard pre-norm layer of ``modeling_slimformer.py``. With ``A`` shaped attention, ``N``
+an RMSNorm and ``g`` the MLP branch gain:
 
-============== ============================================================ ==========================
-form           layer output                                                 norms
-============== ============================================================ ==========================
-``shaped``     ``h = x + A(N1 x)``;  ``h + MLP(N2 h)``                       both (the original block)
-``sas``        ``h = A(N1 x)``;      ``h + g * MLP(N2 h)``                   both
-``sas_p``      ``A(N x) + g * MLP(N x)``                                    one, shared
-``sas_p_nonorm`` ``A(x) + g * MLP(x)``                                      none
-============== ============================================================ ==========================
+* ``shaped``       -- ``h = x + A(N1 x)``, output ``h + MLP(N2 h)`` (the original block, attention replaced);
+* ``sas``          -- ``h = A(N1 x)``, output ``h + g * MLP(N2 h)`` (SAS: no attention skip);
+* ``sas_p``        -- ``A(N x) + g * MLP(N x)`` (SAS-P: parallel, one shared norm, no skips);
+* ``sas_p_nonorm`` -- ``A(x) + g * MLP(x)`` (SAS-P without norms).
 
-``A`` is shaped attention and ``g`` the MLP branch gain beta_FF (a trainable scalar,
-``model.layers.{i}.mlp_gain``). ``shaped`` is what the approximate conversion of a pretrained pre-norm
-checkpoint produces: its attention sub-block becomes a simplified one but keeps its residual skip, because
-a pretrained residual stack cannot do without it. The other three are the paper's SAS, SAS-P and SAS-P
-without norms, for models trained in that form (``examples/train_sas.py``). The reference code keeps a norm
-in the first layer of a norm-free model; here that is simply a first layer of form ``sas_p``.
+``g`` is beta_FF, a trainable scalar (``model.layers.{i}.mlp_gain``). ``shaped`` is what the approximate
+conversion of a pretrained pre-norm checkpoint produces: its attention sub-block becomes a simplified one
+but keeps its residual skip, because a pretrained residual stack cannot do without it. The other three are
+the paper's SAS, SAS-P and SAS-P without norms, for models trained in that form (``examples/train_sas.py``).
+The reference code keeps a norm in the first layer of a norm-free model; here that is simply a first layer
+of form ``sas_p``. Of the reference code's block-level gains only beta_FF is kept: its attention branch gain
+is redundant with the per-head gains, and its MLP skip gain is fixed at 1 here.
 
 Shaped attention, per head ``h``::
 

@@ -1,0 +1,330 @@
+"""``layer_drop``: remove the attention and/or MLP sub-blocks that change the residual stream least
+("What Matters in Transformers? Not All Attention is Needed", He et al., arXiv 2406.15786).
+
+Importance comes from :mod:`converter.importance` (``1 - cos(X, Y)`` per token, LLM-Drop's exact
+definition by default). What is dropped is chosen by a drop spec::
+
+    attn:4      the 4 least important attention sub-blocks      (also mlp:N, block:N)
+    joint:6     the 6 least important of attention and MLP sub-blocks, ranked together
+    attn:0.25   a quarter of the model's attention sub-blocks (a number with a decimal point is a ratio
+                of the model's modules of that kind -- 2 x layers for joint -- rounded to the nearest)
+    attn        as many as ``max_ppl_increase`` allows
+
+* One-shot (default): score the intact model once, drop the ``n`` least important together.
+* ``iterative``: drop one module, re-score the changed model, repeat.
+* ``max_ppl_increase = PCT``: drop in importance order while the perplexity on the evaluation source
+  (``--eval-ppl``) stays within ``PCT`` percent of the model's own; the spec's count becomes an upper
+  bound. The first module that breaks the target is put back and the search stops.
+
+With more than one calibration source, the first one decides and every source is scored: the report
+gives the Spearman correlation of the scores and the overlap of the drop sets each source would choose,
+and warns when the choice depends on the source.
+
+Dropped sub-blocks become ``DROPPED`` nodes in the graph: their tensors are not written, the runtime
+builds no module for them, and the KV cache has slots only for the attention layers that remain.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from converter.errors import SlimformerError
+from converter.graph import DROPPED, CheckpointGraph, Node
+from converter.importance import (
+    COMPARES,
+    METRICS,
+    LayerScores,
+    ScoredModule,
+    Stability,
+    compare_sources,
+    rank_modules,
+    score_graph,
+)
+from converter.pipeline import Pass, PassContext, register
+
+MODE_ALIASES = {"attn": "attention", "attention": "attention", "mlp": "mlp", "ffn": "mlp",
+                "block": "block", "layer": "block", "joint": "joint"}
+SPEC_HELP = "write KIND:N or KIND:RATIO with KIND one of attn, mlp, block, joint (e.g. attn:4, joint:0.25)"
+PLOT = "layer_importance.png"
+
+
+@dataclass(frozen=True)
+class DropSpec:
+    """``attn:4`` / ``mlp:0.25`` / ``block:2`` / ``joint:6`` / ``attn`` (count from the quality target)."""
+
+    mode: str
+    count: int | None = None
+    ratio: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DropSpec:
+        kind, _, amount = text.strip().partition(":")
+        if kind.strip().lower() not in MODE_ALIASES:
+            raise SlimformerError(f"unknown drop kind {kind!r} in --drop {text!r}", fix=SPEC_HELP)
+        mode, amount = MODE_ALIASES[kind.strip().lower()], amount.strip()
+        if not amount:
+            return cls(mode)
+        try:
+            if "." in amount or "e" in amount.lower():
+                ratio = float(amount)
+                if not 0.0 <= ratio <= 1.0:
+                    raise ValueError
+                return cls(mode, ratio=ratio)
+            count = int(amount)
+            if count < 0:
+                raise ValueError
+            return cls(mode, count=count)
+        except ValueError:
+            raise SlimformerError(f"bad amount {amount!r} in --drop {text!r}: need a count >= 0 or a ratio in [0, 1]",
+                                  fix=SPEC_HELP) from None
+
+    def total(self, graph: CheckpointGraph) -> int:
+        """How many modules of this kind the model has (dropped or not)."""
+        return 2 * len(graph.blocks) if self.mode == "joint" else len(graph.blocks)
+
+    def available(self, graph: CheckpointGraph) -> int:
+        """How many can still be dropped."""
+        kept_attention = sum(b.attention.kept for b in graph.blocks)
+        kept_mlp = sum(b.mlp.kept for b in graph.blocks)
+        return {"attention": kept_attention, "mlp": kept_mlp, "joint": kept_attention + kept_mlp,
+                "block": sum(b.attention.kept or b.mlp.kept for b in graph.blocks)}[self.mode]
+
+    def resolve(self, graph: CheckpointGraph, text: str) -> int:
+        """The number of modules to drop (an upper bound with a quality target); checks it exists."""
+        available = self.available(graph)
+        if self.count is None and self.ratio is None:
+            return available
+        n = self.count if self.count is not None else math.floor(self.ratio * self.total(graph) + 0.5)
+        if n > available:
+            raise SlimformerError(
+                f"--drop {text} asks for {n} {self.mode} module(s) but only {available} can be dropped "
+                f"({self.total(graph)} in the model, {self.total(graph) - available} already dropped)",
+                fix=f"ask for at most {available}, e.g. --drop {text.split(':')[0]}:{available}",
+            )
+        return n
+
+
+@dataclass
+class LayerDropConfig:
+    drop: str | None = None  # see DropSpec; default "attn" when only max_ppl_increase is given
+    iterative: bool = False
+    max_ppl_increase: float | None = None  # percent
+    metric: str = "cosine"  # cosine (1 - cos) | angular (arccos(cos) / pi)
+    compare: str = "residual"  # residual (LLM-Drop: X before the norm, Y = X + f(norm X)) | norm_output
+    streaming: bool = False  # score one layer at a time (weights of one block resident)
+    batch_size: int = 8  # calibration windows per forward
+
+    def __post_init__(self) -> None:
+        if self.drop is None and self.max_ppl_increase is None:
+            raise SlimformerError("layer_drop needs a drop spec or a quality target",
+                                  fix="pass --drop attn:N (or mlp:N, block:N, joint:N) and/or --max-ppl-increase PCT")
+        if self.drop is not None:
+            spec = DropSpec.parse(self.drop)
+            if spec.count is None and spec.ratio is None and self.max_ppl_increase is None:
+                raise SlimformerError(f"--drop {self.drop} needs an amount, or a quality target to decide it",
+                                      fix=f"write e.g. --drop {self.drop}:2 or {self.drop}:0.25, or add --max-ppl-increase PCT")
+        if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
+            raise SlimformerError(f"--max-ppl-increase must be >= 0 (got {self.max_ppl_increase})", fix="give a percentage, e.g. 5")
+        if self.metric not in METRICS:
+            raise SlimformerError(f"unknown metric {self.metric!r}", fix=f"use one of {', '.join(METRICS)}")
+        if self.compare not in COMPARES:
+            raise SlimformerError(f"unknown compare {self.compare!r}", fix=f"use one of {', '.join(COMPARES)}")
+        if self.batch_size < 1:
+            raise SlimformerError(f"batch_size must be >= 1 (got {self.batch_size})", fix="raise batch_size")
+
+
+def drop_module(graph: CheckpointGraph, module: ScoredModule, reason: str) -> list[tuple[Node, str, str | None]]:
+    """Mark ``module``'s node(s) (both of a block) DROPPED; returns what :func:`restore` needs to undo it."""
+    block = graph.blocks[module.layer]
+    nodes = {"attention": [block.attention], "mlp": [block.mlp], "block": [block.attention, block.mlp]}[module.kind]
+    saved = []
+    for node in nodes:
+        if node.kept:
+            saved.append((node, node.state, node.reason))
+            node.state, node.reason = DROPPED, reason
+    return saved
+
+
+def restore(saved: list[tuple[Node, str, str | None]]) -> None:
+    for node, state, reason in saved:
+        node.state, node.reason = state, reason
+
+
+@register
+class LayerDrop(Pass):
+    name = "layer_drop"
+    config_class = LayerDropConfig
+
+    def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
+        cfg = self.config
+        text = cfg.drop or "attn"
+        spec = DropSpec.parse(text)
+        limit = spec.resolve(graph, text)
+        if cfg.max_ppl_increase is not None:
+            if graph.is_encoder:
+                raise SlimformerError("--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
+                                      fix="give a count instead, e.g. --drop attn:2")
+            if ctx.evaluation.ppl is None:
+                raise SlimformerError("--max-ppl-increase needs a held-out evaluation source",
+                                      fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)")
+        if ctx.tokenizer is None:
+            raise SlimformerError("layer_drop scores on calibration text, but the checkpoint has no tokenizer",
+                                  fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint")
+
+        self._ctx, self._graph = ctx, graph
+        sources = list(ctx.calibration.sources)
+        by_source = {source: self._score(source) for source in sources}
+        initial = by_source[sources[0]]
+        params_before, kv_before = graph.num_params(), graph.kv_bytes_per_token()
+        notes = [f"scored {len(graph.blocks)} layers on {sources[0]}: {initial.n_tokens:,} tokens, "
+                 f"{'angular distance' if cfg.metric == 'angular' else '1 - cos'} ({cfg.compare}), "
+                 f"{initial.mode} mode, {initial.seconds:.2f}s"]
+        notes.append("importance per layer (attention / mlp / block): " + "; ".join(
+            f"{i}: " + " / ".join("-" if v is None else f"{v:.4g}" for v in (a, m, b))
+            for i, (a, m, b) in enumerate(zip(initial.attention, initial.mlp, initial.block))))
+        changes: dict[str, Any] = {"mode": spec.mode, "drop": text, "iterative": cfg.iterative, "metric": cfg.metric,
+                                   "compare": cfg.compare, "calibration": sources[0], "scores": initial.to_dict()}
+
+        if cfg.max_ppl_increase is None:
+            dropped = self._drop_count(spec.mode, limit, initial)
+        else:
+            dropped, ppl = self._drop_within_target(spec.mode, limit, initial, cfg.max_ppl_increase)
+            changes["perplexity"] = ppl
+            notes += [f"step {s['step']}: drop {s['module']} -> perplexity {s['perplexity']:.3f} "
+                      f"({s['increase_pct']:+.2f}%) {'kept' if s['accepted'] else 'over the target, put back'}"
+                      for s in ppl["steps"]]
+        changes["dropped"] = dropped
+
+        if not dropped:
+            notes.append(f"dropped nothing ({spec.mode}, limit {limit})")
+        else:
+            listing = ", ".join(f"{d['module']} ({d['score']:.4g})" for d in dropped)
+            notes.append(f"dropped {len(dropped)} {spec.mode} module(s){' iteratively' if cfg.iterative else ''}: {listing}")
+        notes.append(f"parameters {params_before:,} -> {graph.num_params():,}; KV cache bytes/token (fp32) "
+                     f"{kv_before:,} -> {graph.kv_bytes_per_token():,}")
+        changes.update(params_before=params_before, params_after=graph.num_params(),
+                       kv_bytes_per_token_before=kv_before, kv_bytes_per_token_after=graph.kv_bytes_per_token())
+
+        warnings = []
+        if len(sources) > 1:
+            changes["scores_by_source"] = {s: sc.to_dict() for s, sc in by_source.items()}
+            stability = compare_sources(by_source, spec.mode, max(len(dropped), 1))
+            changes["stability"] = stability.to_dict()
+            notes += stability.describe()
+            warning = stability.warning()
+            if warning:
+                warnings.append(warning)
+                ctx.log(f"[slimformer] WARNING: {warning}")
+        changes["warnings"] = warnings
+        changes["notes"] = notes + [f"WARNING: {w}" for w in warnings]
+        ctx.artefacts[PLOT] = plot_importance(initial, {d["module"] for d in dropped},
+                                              title=f"{graph.family}, {len(graph.blocks)} layers: {text}")
+        changes["plot"] = PLOT
+        return changes
+
+    # ---- scoring and dropping -------------------------------------------------------------------------
+    def _score(self, source: str) -> LayerScores:
+        ctx, cfg = self._ctx, self.config
+        return score_graph(self._graph, ctx.calibration_windows(source), streaming=cfg.streaming, metric=cfg.metric,
+                           compare=cfg.compare, batch_size=cfg.batch_size, device=ctx.device, dtype=ctx.dtype,
+                           progress=ctx.progress, source=source)
+
+    def _next(self, mode: str, step: int, order: list[ScoredModule]) -> tuple[ScoredModule, list[ScoredModule]]:
+        """The next module to drop: from the one-shot order, or from a fresh score of the changed graph."""
+        if self.config.iterative and step > 0:
+            order = rank_modules(self._score(self._ctx.calibration.sources[0]), mode)
+            return order[0], order
+        return order[step if not self.config.iterative else 0], order
+
+    def _apply(self, module: ScoredModule, rank: int, of: int, extra: str = "") -> list[tuple[Node, str, str | None]]:
+        cfg = self.config
+        how = "re-scored" if cfg.iterative else "one-shot"
+        name = "angular distance" if cfg.metric == "angular" else "importance 1-cos"
+        return drop_module(self._graph, module, f"layer_drop: {module.kind} {name} {module.score:.4g} ({how}, rank {rank} of {of}{extra})")
+
+    def _record(self, module: ScoredModule, step: int) -> dict[str, Any]:
+        return {"module": module.label, "kind": module.kind, "layer": module.layer, "score": module.score, "step": step}
+
+    def _drop_count(self, mode: str, n: int, initial: LayerScores) -> list[dict[str, Any]]:
+        order = rank_modules(initial, mode)
+        dropped = []
+        for step in range(n):
+            module, order = self._next(mode, step, order)
+            rank = 1 if self.config.iterative else step + 1
+            self._apply(module, rank, len(order))
+            dropped.append(self._record(module, step + 1))
+        return dropped
+
+    def _drop_within_target(self, mode: str, n: int, initial: LayerScores, pct: float) -> tuple[list, dict[str, Any]]:
+        ctx = self._ctx
+        baseline = ctx.perplexity(self._graph)
+        target = baseline * (1 + pct / 100)
+        order = rank_modules(initial, mode)
+        dropped, steps = [], []
+        for step in range(n):
+            module, order = self._next(mode, step, order)
+            rank = 1 if self.config.iterative else step + 1
+            saved = self._apply(module, rank, len(order), f", perplexity within +{pct:g}%")
+            value = ctx.perplexity(self._graph)
+            accepted = value <= target
+            steps.append({"step": step + 1, "module": module.label, "score": module.score, "perplexity": value,
+                          "increase_pct": 100 * (value / baseline - 1), "accepted": accepted})
+            ctx.log(f"[slimformer] layer_drop step {step + 1}: {module.label} -> perplexity {value:.3f} "
+                    f"(target {target:.3f}) {'kept' if accepted else 'put back'}")
+            if not accepted:
+                restore(saved)
+                break
+            dropped.append({**self._record(module, step + 1), "perplexity": value})
+        final = dropped[-1]["perplexity"] if dropped else baseline
+        return dropped, {"source": ctx.evaluation.ppl, "baseline": baseline, "target": target,
+                         "max_increase_pct": pct, "final": final, "steps": steps}
+
+
+# ---- plot ----------------------------------------------------------------------------------------------
+def plot_importance(scores: LayerScores, dropped: set[str], title: str = "") -> bytes:
+    """PNG of the per-layer importance of attention, MLP and blocks; dropped modules circled in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(len(scores.attention)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(layers) + 2.5), 3.4))
+    styles = {"attention": ("#3a6ea5", "o"), "mlp": ("#d9822b", "s"), "block": ("#6b6b6b", "^")}
+    positive = []
+    for kind, (color, marker) in styles.items():
+        points = [(layer, v) for layer, v in zip(layers, scores.of(kind)) if v is not None]
+        positive += [v for _, v in points if v > 0]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker=marker, color=color, label=kind, linewidth=1.2,
+                    linestyle="--" if kind == "block" else "-")
+        hits = [(layer, v) for layer, v in points if f"{kind}:{layer}" in dropped]
+        if hits:
+            xs, ys = zip(*hits)
+            ax.scatter(xs, ys, s=180, facecolors="none", edgecolors="#c0392b", linewidths=2, zorder=5)
+    if positive and min(positive) > 0 and max(positive) / min(positive) > 20:
+        ax.set_yscale("log")  # importances span decades on real models; a linear axis hides the small ones
+    ax.scatter([], [], s=120, facecolors="none", edgecolors="#c0392b", linewidths=2, label="dropped")
+    name = "angular distance" if scores.metric == "angular" else "importance (1 - cos)"
+    ax.set_xlabel("layer")
+    ax.set_ylabel(name)
+    ax.set_xticks(layers)
+    ax.set_title(title or "layer importance", fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def stability_of(scores: dict[str, LayerScores], text: str, graph: CheckpointGraph) -> Stability:
+    """Stability of ``--drop text`` across calibration sources (used by ``slimformer score``)."""
+    spec = DropSpec.parse(text)
+    n = spec.available(graph) if spec.count is None and spec.ratio is None else spec.resolve(graph, text)
+    return compare_sources(scores, spec.mode, max(n, 1))
