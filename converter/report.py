@@ -83,7 +83,7 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         # cost of eviction itself (prompt prefilled, continuation decoded through the evicting cache).
         evicted = (record.get("changes") or {}).get("eviction_perplexity")
         if evicted and evicted.get("full_cache_perplexity") is not None:
-            rows.append(("perplexity under KV eviction", f"{evicted['full_cache_perplexity']:.3f}",
+            rows.append(("perplexity: full cache -> KV eviction", f"{evicted['full_cache_perplexity']:.3f}",
                          f"{evicted['perplexity']:.3f}", f"{evicted['increase_pct']:+.1f}%"))
     return rows
 
