@@ -158,15 +158,26 @@ def test_cached_decoding_equals_full_recomputation(forms, kv_heads):
     assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
 
 
-def test_sas_layers_run_with_an_evicting_cache():
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_sas_layers_run_with_an_evicting_cache(kv_heads):
     from converter.runtime.kv_cache import EvictingCache
 
-    model = perturbed(SlimformerForCausalLM(sas_config(["sas", "sas"], kv_heads=4)))
-    cache = EvictingCache({"policy": "a2sf", "budget": 8, "alpha": 0.5})
-    with torch.no_grad():
-        model(input_ids=torch.randint(0, 64, (1, 12)), past_key_values=cache, use_cache=True)
-        logits = model(input_ids=torch.randint(0, 64, (1, 1)), past_key_values=cache, use_cache=True).logits
+    model = perturbed(SlimformerForCausalLM(sas_config(["sas", "sas_p"], kv_heads=kv_heads)))
+    ids = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(5))
+
+    def decode(cache):
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :12], past_key_values=cache, use_cache=True).past_key_values
+            return model(input_ids=ids[:, 12:], past_key_values=cache, use_cache=True).logits, cache
+
+    # A budget above the sequence never evicts, so it must match the plain cache; a small one evicts per KV head,
+    # each group's (wider) identity values together with its keys.
+    roomy, _ = decode(EvictingCache({"policy": "a2sf", "budget": 64}))
+    plain, _ = decode(None)
+    assert torch.allclose(roomy, plain, atol=1e-6)
+    logits, cache = decode(EvictingCache({"policy": "a2sf", "budget": 8, "alpha": 0.5}))
     assert torch.isfinite(logits).all() and cache.physical_lengths() == [8, 8]
+    assert cache.layers[0].values.shape == (1, kv_heads, 8, 32 // kv_heads)
 
 
 def test_block_forms_have_the_documented_tensors():
