@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.slimformer-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-all lint setup clean
+.PHONY: demo test test-slow test-all lint setup clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 # One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
 test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow"
+
+# The slow tests: real models in ../shared end to end (about 2 minutes on 2 cores); CI runs them too.
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m slow
 
 test-all: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q

@@ -163,7 +163,9 @@ def _hub_documents(spec: str) -> Iterator[str]:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # A document is cut into windows later, so its length past model_max_length is expected: verbose=False
+    # silences the tokenizer's "sequence length is longer than the maximum" warning, which would mislead here.
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _separator(tokenizer) -> list[int]:

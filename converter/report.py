@@ -88,6 +88,27 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def _describe_cache(policy: dict[str, Any]) -> str:
+    """One cell's worth of a cache slot's policy, e.g. ``KV a2sf: 64 tokens (sink 0, recent 48), alpha 0.9``."""
+    if "budget_ratio" in policy:
+        size = f"{policy['budget_ratio']:.0%} of the prompt"
+    else:
+        size = f"{policy.get('budget')} tokens"
+    parts = [f"{key} {policy[key]:.0%}" if key == "recent_ratio" else f"{key} {policy[key]}"
+             for key in ("sink", "recent", "recent_ratio") if key in policy]
+    text = f"KV {policy.get('policy')}: {size}" + (f" ({', '.join(parts)})" if parts else "")
+    return text + (f", alpha {policy['alpha']}" if "alpha" in policy else "")
+
+
+def _layer_notes(layer: dict[str, Any]) -> list[str]:
+    notes = [str(layer[key]) for key in ("attention_reason", "mlp_reason") if key in layer]
+    if "attention_form" in layer:
+        notes.append(f"attention form {layer['attention_form']}")
+    if "cache_policy" in layer:
+        notes.append(_describe_cache(layer["cache_policy"]))
+    return notes
+
+
 def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     lines = [f"# slimformer report: {report['source']['spec']}", ""]
     lines += [f"Family **{report['source']['family']}**, {report['source']['num_layers']} layers. "
@@ -106,7 +127,7 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
         lines.append("")
     lines += ["## Layers", "", "| layer | attention | MLP | notes |", "|---:|---|---|---|"]
     for layer in report["layers"]:
-        notes = "; ".join(str(layer[k]) for k in ("attention_reason", "mlp_reason", "attention_form", "cache_policy") if k in layer)
+        notes = "; ".join(_layer_notes(layer))
         lines.append(f"| {layer['layer']} | {layer['attention']} | {layer['mlp']} | {notes} |")
     for plot in plots or []:
         lines += ["", f"![{plot}]({plot})"]

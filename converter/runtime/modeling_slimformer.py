@@ -42,12 +42,12 @@ from transformers.models.bert.modeling_bert import (
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
-    apply_rotary_pos_emb,
     eager_attention_forward,
 )
 
+from .attention_heads import QueryKeyHeads
 from .configuration_slimformer import SlimformerConfig
-from .kv_cache import new_cache, observe_attention, past_key_validity
+from .kv_cache import new_cache, observe_attention
 from .sas import STANDARD, SasDecoderLayer, attention_form
 
 # Attention kernels that treat a missing mask as causal; every other one (eager, custom ones) gets it explicitly.
@@ -102,29 +102,16 @@ def attention_bias(
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-class SlimformerAttention(nn.Module):
+class SlimformerAttention(QueryKeyHeads):
     """Grouped-query attention with RoPE; optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
 
     def __init__(self, config: SlimformerConfig, layer_idx: int, cache_idx: int) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.cache_idx = cache_idx
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.is_causal = True
+        super().__init__(config, layer_idx, cache_idx)
+        self.is_causal = True  # read by transformers' attention kernels
         self.attention_dropout = 0.0
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_output_bias)
-        if config.qk_norm:
-            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -135,26 +122,12 @@ class SlimformerAttention(nn.Module):
         cache_position: torch.Tensor,
     ) -> torch.Tensor:
         batch, q_len, _ = hidden_states.shape
-        shape = (batch, q_len, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape)
-        key = self.k_proj(hidden_states).view(shape)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.config.qk_norm:
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-
-        new_valid = attention_mask[:, -q_len:].bool() if attention_mask is not None else None
-        past_valid, past_len = None, 0
-        if past_key_values is not None:
-            past_valid, past_len = past_key_validity(past_key_values, self.cache_idx, attention_mask, batch)
-            key, value = past_key_values.update(
-                key, value, self.cache_idx, {"cache_position": cache_position, "new_valid": new_valid}
-            )
+        query, key = self.queries_keys(hidden_states, position_embeddings)
+        value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
+        step = self.cache_step(key, value, attention_mask, past_key_values, cache_position)
         impl = self.config._attn_implementation
         bias = attention_bias(
-            past_valid, new_valid, q_len, past_len, query.dtype, query.device, self.config.sliding_window,
+            step.past_valid, step.new_valid, q_len, step.past_len, query.dtype, query.device, self.config.sliding_window,
             implicit_causal=impl in IMPLICITLY_CAUSAL,
         )
         if bias is not None and 1 < bias.shape[1] < self.num_heads:
@@ -162,7 +135,7 @@ class SlimformerAttention(nn.Module):
             # head of each group, as eager and SDPA broadcast the mask over query heads, not KV heads.
             bias = bias.repeat_interleave(self.num_key_value_groups, dim=1)
         attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
-        output, _ = attend(self, query, key, value, bias, dropout=0.0, scaling=self.scaling)
+        output, _ = attend(self, query, step.key, step.value, bias, dropout=0.0, scaling=self.scaling)
         if past_key_values is not None:
             # Score-driven caches accumulate this step's attention probabilities and may evict.
             observe_attention(past_key_values, self.cache_idx, query, bias, self.scaling)

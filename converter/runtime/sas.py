@@ -61,9 +61,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
 
-from .kv_cache import observe_attention, past_key_validity
+from .attention_heads import QueryKeyHeads
+from .kv_cache import observe_attention
 
 STANDARD = "standard"
 IDENTITY, REPARAM = "identity", "reparam"
@@ -213,55 +214,28 @@ class IdentityPlusDelta(nn.Module):
         return self.alpha * x + self.beta * F.linear(x, self.delta)
 
 
-class ShapedAttention(nn.Module):
+class ShapedAttention(QueryKeyHeads):
     """Shaped attention with identity (or reparameterised) values and projection; Llama-family queries/keys.
 
-    Queries and keys are those of :class:`SlimformerAttention` (same names, GQA, RoPE, optional q/k bias and
-    q/k norms), so a converted layer keeps its trained ``q_proj``/``k_proj``. The KV-cache contract is the
-    standard one (``past_key_validity`` / ``update`` / ``observe_attention``); see the module docstring for
-    the value layout.
+    Queries, keys and the cache step come from :class:`QueryKeyHeads`, as for standard attention (same names,
+    GQA, RoPE, optional q/k bias and q/k norms), so a converted layer keeps its trained ``q_proj``/``k_proj``;
+    see the module docstring for the value layout in the cache.
     """
 
     def __init__(self, config: Any, layer_idx: int, cache_idx: int) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.cache_idx = cache_idx
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_key_value_heads = config.num_key_value_heads
-        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
         hidden = config.hidden_size
-        if self.num_heads * self.head_dim != hidden:
+        if config.num_attention_heads * config.head_dim != hidden:
             raise ValueError(
                 f"layer {layer_idx}: shaped attention with identity values needs num_attention_heads * head_dim == "
-                f"hidden_size, got {self.num_heads} * {self.head_dim} != {hidden}"
+                f"hidden_size, got {config.num_attention_heads} * {config.head_dim} != {hidden}"
             )
+        super().__init__(config, layer_idx, cache_idx)
         spec = config.block_configs[layer_idx]["attention"]
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        if config.qk_norm:
-            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.shaped_alpha = nn.Parameter(torch.ones(self.num_heads))
         self.shaped_beta = nn.Parameter(torch.ones(self.num_heads))
         self.shaped_gamma = nn.Parameter(torch.ones(self.num_heads))
         self.value = _linear_map(spec.get("value", IDENTITY), hidden, layer_idx)
         self.proj = _linear_map(spec.get("proj", IDENTITY), hidden, layer_idx)
-
-    def queries_keys(
-        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotated queries ``[B, H, q, D]`` and keys ``[B, H_kv, q, D]``, as the standard attention computes them."""
-        batch, q_len, _ = hidden_states.shape
-        shape = (batch, q_len, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape)
-        key = self.k_proj(hidden_states).view(shape)
-        if self.config.qk_norm:
-            query, key = self.q_norm(query), self.k_norm(key)
-        cos, sin = position_embeddings
-        return apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, H * D]`` -> ``[B, H, T, D]``: head ``h`` is the input's slice ``[h*D, (h+1)*D)``."""
@@ -281,13 +255,9 @@ class ShapedAttention(nn.Module):
         group_width = self.num_key_value_groups * self.head_dim
         values = value.view(batch, q_len, self.num_key_value_heads, group_width).transpose(1, 2)
 
-        new_valid = attention_mask[:, -q_len:].bool() if attention_mask is not None else None
-        past_valid, past_len = None, 0
+        step = self.cache_step(key, values, attention_mask, past_key_values, cache_position)
+        key, values = step.key, step.value
         if past_key_values is not None:
-            past_valid, past_len = past_key_validity(past_key_values, self.cache_idx, attention_mask, batch)
-            key, values = past_key_values.update(
-                key, values, self.cache_idx, {"cache_position": cache_position, "new_valid": new_valid}
-            )
             if values.shape[-1] != group_width:
                 raise RuntimeError(
                     f"layer {self.layer_idx}: the KV cache returned values of width {values.shape[-1]}, expected "
@@ -295,7 +265,7 @@ class ShapedAttention(nn.Module):
                     "cannot hold values wider than keys -- use the plain dynamic cache for this model"
                 )
         visible = visible_keys(
-            new_valid, past_valid, q_len, past_len, sliding_window=self.config.sliding_window, device=query.device
+            step.new_valid, step.past_valid, q_len, step.past_len, sliding_window=self.config.sliding_window, device=query.device
         )
         # [B, H_kv, K, G * D] -> [B, H, K, D]: query head j * G + g reads slice g of KV head j's values.
         k_len = values.shape[-2]
