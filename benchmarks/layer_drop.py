@@ -331,6 +331,9 @@ def run_bert(samples: int) -> dict[str, Any] | None:
 
 
 # ---- plot -----------------------------------------------------------------------------------------------
+OFF_SCALE = 30  # perplexity ceiling of the plot, as a multiple of the original model's
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -341,11 +344,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     styles = {"attention": ("#3a6ea5", "o", "-"), "mlp": ("#d9822b", "s", "-"), "block": ("#6b6b6b", "^", "-"),
               "joint": ("#7b4fa0", "D", "-"), "attention_iterative": ("#3a6ea5", "x", ":")}
     for ax, result in zip(axes[0], results):
+        # Block drop reaches perplexities of 1e13; a fixed ceiling keeps the useful range readable.
+        base = result["curves"]["attention"][0]["perplexity"]
+        ceiling = OFF_SCALE * base
         for name, points in result["curves"].items():
             color, marker, line = styles[name]
-            ax.plot([p["n"] for p in points], [p["perplexity"] for p in points], color=color, marker=marker,
-                    linestyle=line, label=name.replace("_", " "))
+            ax.plot([p["n"] for p in points], [min(p["perplexity"], ceiling) for p in points], color=color,
+                    marker=marker, linestyle=line, label=name.replace("_", " "))
         ax.set_yscale("log")
+        ax.set_ylim(0.9 * base, 1.15 * ceiling)
+        ax.axhline(ceiling, color="#999999", linewidth=0.8, linestyle="--")
+        ax.text(0.02, ceiling * 0.8, f"points on this line: >= {OFF_SCALE}x the original", fontsize=7, color="#666666",
+                transform=ax.get_yaxis_transform(), va="top")
         ax.set_xlabel("modules dropped (one-shot unless noted)")
         ax.set_ylabel(f"perplexity ({Path(result['held_out']['source']).name})")
         ax.set_title(f"{result['model']} ({result['layers']} layers)")

@@ -39,6 +39,8 @@ correlation of the scores, Jaccard overlap of the modules each source would drop
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -279,6 +281,27 @@ def _block_tensors(graph: CheckpointGraph, index: int) -> dict[str, torch.Tensor
     return {ref.name: ref.load() for node in (block.attention, block.mlp) if node.kept for ref in node.tensors.values()}
 
 
+@functools.cache
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not Linux/glibc: nothing to do
+        return None
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Give the weights of the block just freed back to the operating system (glibc only).
+
+    glibc raises its mmap threshold after a large block is freed, so the next blocks' tensors come from the
+    heap, and freed heap memory stays in the process: measured on a 24-layer, 1.1 GB model, streaming's
+    resident memory grew by ~15 MB per layer without this (peak 120-460 MB, varying run to run) and stays
+    at one block's weights plus activations with it (~115 MB).
+    """
+    trim = _glibc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.parameters())
 
@@ -322,6 +345,7 @@ def score_streaming(
     for rows in _batches(samples, batch_size):
         hidden[rows] = embed(windows[rows].to(device)).cpu()
     embed.to_empty(device="meta")
+    _return_freed_memory_to_the_os()
 
     if not graph.is_encoder:
         # RoPE and positions exactly as the decoder trunk computes them for an unpadded window without cache.
@@ -345,6 +369,7 @@ def score_streaming(
             probe.remove()
             probes.append(probe)
             layer.to_empty(device="meta")  # frees this block's weights before the next is read
+            _return_freed_memory_to_the_os()
             bar.update(1)
     seconds = time.perf_counter() - start
     return LayerScores(**_collect(probes), n_tokens=windows.numel(), metric=metric, compare=compare, source=source,
