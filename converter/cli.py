@@ -79,6 +79,8 @@ def cli() -> None:
 @click.option("--drop", help="Layer drop: attn:N, mlp:N, block:N or joint:N (N a count, or a ratio like 0.25).")
 @click.option("--iterative", is_flag=True, default=None, help="Layer drop: re-score after each removal.")
 @click.option("--max-ppl-increase", type=float, help="Layer drop: drop while --eval-ppl perplexity rises at most PCT percent.")
+@click.option("--streaming", is_flag=True, default=None,
+              help="Layer drop: score one block at a time (one block's weights in memory), for models larger than RAM.")
 @click.option("--sas", help="SAS conversion, e.g. layers=2,heal-steps=200.")
 @click.option("--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (policy=a2sf|h2o|streaming).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for calibration and evaluation.")
@@ -91,7 +93,7 @@ def cli() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str, ...], calib_samples: int | None,
             calib_seq_len: int | None, calib_seed: int | None, eval_ppl: str | None, drop: str | None, iterative: bool | None,
-            max_ppl_increase: float | None, sas: str | None, a2sf: str | None, device: str, dtype: str,
+            max_ppl_increase: float | None, streaming: bool | None, sas: str | None, a2sf: str | None, device: str, dtype: str,
             save_dtype: str | None, speed: bool, allow_pickle: bool, trust_remote_code: bool, overwrite: bool, quiet: bool) -> None:
     """Convert SOURCE (a local directory or Hub id) into a smaller checkpoint in OUT, with a report.
 
@@ -116,10 +118,14 @@ def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str
             setattr(spec.calibration, name, value)
     if eval_ppl:
         spec.evaluation.ppl = eval_ppl
+    if streaming and not drop and max_ppl_increase is None:
+        raise SlimformerError("--streaming applies to layer-drop scoring, and no layer drop was asked for",
+                              fix="add --drop attn:N (or mlp:N, block:N, joint:N, or --max-ppl-increase PCT)")
     if drop or iterative or max_ppl_increase is not None:
         params: dict[str, Any] = {"drop": drop} if drop else {}
-        if iterative:
-            params["iterative"] = True
+        for flag, value in (("iterative", iterative), ("streaming", streaming)):
+            if value:
+                params[flag] = True
         if max_ppl_increase is not None:
             params["max_ppl_increase"] = max_ppl_increase
         spec.passes.append(PassSpec("layer_drop", params))

@@ -397,12 +397,14 @@ def test_real_stories260k_score_command_and_exact_drop(tmp_path):
     for kind in ("attention", "mlp", "block"):
         assert max(abs(a - b) for a, b in zip(full.of(kind), streaming.of(kind))) <= 1e-5
     result = CliRunner().invoke(cli, ["convert", str(source), "-o", str(tmp_path / "out"), "--drop", "attn:2", "--calib", calib,
-                                      "--calib-samples", "8", "--calib-seq-len", "128", "-q"])
+                                      "--calib-samples", "8", "--calib-seq-len", "128", "--streaming", "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passes"][0]["params"]["streaming"] is True
     dropped = {d["module"] for d in report["passes"][0]["changes"]["dropped"]}
     # DESIGN.md: on stories260K every attention sub-block but the first scores below every MLP.
     scores = report["passes"][0]["changes"]["scores"]
+    assert scores["mode"] == "streaming"
     assert max(scores["attention"][1:]) < min(scores["mlp"]) and "attention:0" not in dropped
     _check_converted(source, tmp_path / "out", "llama", dropped)
     assert report["kv_bytes_per_token_after"] == report["kv_bytes_per_token_before"] * 3 // 5
