@@ -69,9 +69,12 @@ def resolve_source(
     is_hub = False
     if not path.exists():
         if _looks_like_path(text) or not HUB_ID.match(text):
+            bare_name = "/" not in text and "\\" not in text
             raise SlimformerError(
                 f"checkpoint directory {text!r} does not exist",
-                fix="give an existing local directory or a Hub id such as 'org/model'",
+                fix=(f"give an existing local directory; for a Hub model write its full id 'org/{text}' "
+                     "(legacy ids without an org are not looked up, so a mistyped path never goes to the network)")
+                if bare_name else "give an existing local directory or a Hub id such as 'org/model'",
             )
         path = _download(text, allow_pickle=allow_pickle, revision=revision)
         is_hub = True

@@ -35,6 +35,18 @@ def test_missing_directory(tmp_path):
     _assert_error(tmp_path / "nope", tmp_path / "out", "does not exist")
 
 
+def test_bare_name_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a bare name must not reach the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    error = _assert_error("gpt2", tmp_path / "out", "does not exist")
+    assert "'org/gpt2'" in error.fix
+
+
 def test_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     _assert_error(tmp_path / "empty", tmp_path / "out", "empty")
