@@ -23,11 +23,11 @@ training throughput measured during training and again interleaved across models
 interleaved rounds as ``--timing-rounds`` asks: on a shared machine, more rounds and the best round are the
 steadier measure.
 
-The defaults are the full run: 3,000 steps of 16 x 128 tokens, about 0.33 s per step on one core of this
-project's machine when it is otherwise idle, so about 17 minutes per model. The README's table comes from a
-reduced run (300 steps) and a separate throughput measurement:
+The defaults are the full run: 3,000 steps of 16 x 128 tokens, about 0.4 s per step on one core of this
+project's machine, so about 20 minutes per model. The README's table comes from a 1,000-step run and a
+separate throughput measurement:
 
-    python examples/train_sas.py --models prenorm,sas,sas_p,sas_p_nonorm --steps 300 --save-dir /tmp/sas
+    python examples/train_sas.py --models prenorm,sas,sas_p,sas_p_nonorm --steps 1000 --timing-rounds 0
     python examples/train_sas.py --models prenorm,sas,sas_p,sas_p_nonorm --throughput-only --timing-rounds 7
 
 GPU: ``--device cuda`` (and larger ``--hidden``/``--layers``/``--steps``).
