@@ -87,6 +87,9 @@ def test_convert_writes_policy_and_report(converted: Path) -> None:
         {"policy": "a2sf", "budget": BUDGET, "sink": 1, "recent": 4, "alpha": 0.5}
     ] * 3
     assert any("KV memory bound: 3,072 B per sequence" in note for note in record["changes"]["notes"])
+    # The Markdown layer table states each slot's policy in words, not as a Python dict.
+    markdown = (converted / "report.md").read_text()
+    assert markdown.count("| KV a2sf: 8 tokens (sink 1, recent 4), alpha 0.5 |") == 3 and "{'policy'" not in markdown
     # The written pipeline replays the same policy.
     assert "[[passes]]\nname = \"a2sf\"\nbudget = 8\nalpha = 0.5" in (converted / "pipeline.toml").read_text()
 
