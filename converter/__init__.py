@@ -3,5 +3,5 @@
 from .errors import SlimformerError
 
 __all__ = ["SlimformerError", "convert", "load_model"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 from .conversion import convert, load_model

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 from .calibration import token_stream
 from .errors import SlimformerError
+from .runtime.kv_cache import returned_cache
 
 __all__ = [
     "EvictionPerplexityResult",
@@ -467,7 +468,7 @@ def _decoded_logprobs(
     # masks by what its cache actually holds, other models by this mask.
     mask = torch.ones(batch, prompt_len + n_cont, dtype=torch.long, device=prompt.device)
     out = model(input_ids=prompt, attention_mask=mask[:, :prompt_len], use_cache=True, **cache_kwargs)
-    cache = out.past_key_values
+    cache = returned_cache(out)
     if cache is None:
         raise SlimformerError(
             "the model returned no past_key_values with use_cache=True, so decoding cannot be measured",
@@ -672,7 +673,7 @@ def _timed_generation(
     _sync(device)
     prefill_s = time.perf_counter() - start
 
-    past = out.past_key_values
+    past = returned_cache(out)
     if past is None:
         raise SlimformerError(
             "the model returned no past_key_values with use_cache=True, so decoding cannot be timed",
@@ -689,7 +690,7 @@ def _timed_generation(
             past_key_values=past,
             use_cache=True,
         )
-        past = out.past_key_values
+        past = returned_cache(out)
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     return prefill_s, time.perf_counter() - start

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .architectures import ATTENTION, EMBEDDINGS, FINAL_NORM, HEAD, MLP, Architecture, architecture_for
+from .environment import check_checkpoint_format
 from .errors import SlimformerError
 from .runtime.configuration_slimformer import SlimformerConfig, default_block_config
 from .source import CheckpointSource
@@ -216,7 +217,8 @@ class CheckpointGraph:
             )
         model.load_state_dict(state, strict=False, assign=True)
         if not self.is_encoder and config.tie_word_embeddings:
-            model.tie_weights()
+            # Tie by hand: tie_weights() differs between transformers 4.57 and 5 on a meta-built model.
+            model.lm_head.weight = model.model.embed_tokens.weight
         _materialise_buffers(model, device)
         if _has_meta(model):
             raise SlimformerError("some weights were never loaded", where=str(self.source.path), fix="the checkpoint is incomplete")
@@ -227,9 +229,11 @@ def load_graph(source: CheckpointSource) -> CheckpointGraph:
     """Build the graph of a resolved checkpoint; checks every tensor's shape against the config."""
     config = source.config
     if config["model_type"] == "slimformer":
+        check_checkpoint_format(config, str(source.path))
         architecture = architecture_for(config.get("base_model_type", "?"))
         base = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version",
-                                                              "block_configs", "kv_cache", "add_pooling_layer", "_name_or_path")}
+                                                              "block_configs", "kv_cache", "add_pooling_layer", "_name_or_path",
+                                                              "slimformer_format", "slimformer_version")}
         block_configs = config.get("block_configs")
         kv_cache = config.get("kv_cache")
     else:
@@ -239,7 +243,7 @@ def load_graph(source: CheckpointSource) -> CheckpointGraph:
     try:
         shape_config = SlimformerConfig(**{k: v for k, v in base.items() if k != "block_configs"})
     except (TypeError, ValueError, KeyError) as exc:
-        raise SlimformerError(f"config.json is incomplete for {architecture.family}: {exc}", where=str(source.path),
+        raise SlimformerError(f"config.json cannot be used for {architecture.family}: {exc}", where=str(source.path),
                               fix="restore the model's original config") from exc
     layers = shape_config.num_hidden_layers
     embeddings, final_norm, head = Node(EMBEDDINGS), Node(FINAL_NORM), Node(HEAD)
@@ -341,13 +345,7 @@ def _has_meta(model: torch.nn.Module) -> bool:
 
 def _materialise_buffers(model: torch.nn.Module, device: str | torch.device) -> None:
     """Recompute non-persistent buffers (RoPE inverse frequencies, BERT position ids) lost on meta."""
+    from .runtime.modeling_slimformer import reset_buffers
+
     for module in model.modules():
-        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
-            inv_freq, scaling = module.rope_init_fn(module.config, device)
-            module.inv_freq = inv_freq
-            module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
-        if hasattr(module, "position_ids") and hasattr(module, "token_type_ids") and hasattr(module, "word_embeddings"):
-            max_len = module.position_embeddings.num_embeddings
-            module.position_ids = torch.arange(max_len, device=device).expand((1, -1))
-            module.token_type_ids = torch.zeros(module.position_ids.size(), dtype=torch.long, device=device)
+        reset_buffers(module, device)

@@ -350,8 +350,8 @@ def score_streaming(
     if not graph.is_encoder:
         # RoPE and positions exactly as the decoder trunk computes them for an unpadded window without cache.
         _materialise_buffers(trunk.rotary_emb, device)
-        cache_position = torch.arange(seq_len, device=device)
-        position_embeddings = trunk.rotary_emb(torch.empty(1, seq_len, 0, dtype=dtype, device=device), cache_position[None])
+        positions = torch.arange(seq_len, device=device)[None]
+        position_embeddings = trunk.rotary_emb(torch.empty(1, seq_len, 0, dtype=dtype, device=device), positions)
 
     probes = []
     layers = _runtime_layers(skeleton)
@@ -364,7 +364,7 @@ def score_streaming(
             probe = _LayerProbe(layer, metric, compare)
             for rows in _batches(samples, batch_size):
                 h = hidden[rows].to(device)
-                out = layer(h, None) if graph.is_encoder else layer(h, position_embeddings, None, None, cache_position)
+                out = layer(h, None) if graph.is_encoder else layer(h, position_embeddings, None, None)
                 hidden[rows] = out.cpu()
             probe.remove()
             probes.append(probe)

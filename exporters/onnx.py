@@ -13,8 +13,17 @@ How the graph is made:
   sliding windows -- is what the graph computes. Only the cache is replaced, by :class:`TracedCache`: the
   runtime's cache contract over plain tensors. The dummy inputs have a past, left padding and several new
   tokens, so the trace takes the runtime's general masking path rather than a shortcut.
-* optimum-onnx's ``export()`` traces it with :class:`exporters.onnx_config.SlimformerOnnxConfig`
-  (TorchScript exporter, ``dynamo=False``).
+* ``torch.onnx.export`` traces it with the TorchScript exporter (``dynamo=False``) under the names and
+  dynamic axes of :class:`exporters.onnx_config.DecoderSignature`. Why TorchScript and not dynamo: the
+  cache op enters the graph through an ``autograd.Function.symbolic`` (a custom-domain node with a
+  function body), and the runtime's masking takes Python branches on the inputs' shapes; tracing records
+  exactly the general path the dummy inputs take, which validation then checks to ~1e-6 against the
+  PyTorch runtime. optimum-onnx, which did the same call before, is no longer needed: it capped
+  transformers below 4.58, and it added nothing the exporter does not do itself.
+* Weights the model shares (a tied embedding and LM head) are stored once: constant folding writes the
+  head's transposed copy as a second initializer, which :func:`_store_shared_weights_once` turns back
+  into a ``Transpose`` of the embedding. The IR version is set explicitly (:data:`IR_VERSION`): onnx
+  1.23 writes IR 14 by default, which onnxruntime 1.31 cannot read.
 * With the A2SF cache op (default when the checkpoint's policy evicts, or ``--cache-op``), the runtime's
   ``observe_attention`` call after each attention becomes an ``ai.slimformer::A2SFCacheUpdate`` node
   (``exporters/onnx_cache_op.py``) whose outputs are the slot's present key/value/score; the op's
@@ -60,8 +69,9 @@ from .onnx_runtime import (
 
 __all__ = ["OnnxDecoder", "OnnxExportOptions", "TracedCache", "export_onnx", "generate_text", "validate_export"]
 
-MIN_OPSET, MAX_OPSET = 18, 20  # 18: optimum's default; 20: the TorchScript exporter's newest
-EXPORT_DTYPES = {"float32": (torch.float32, "fp32"), "float16": (torch.float16, "fp16")}
+MIN_OPSET, MAX_OPSET = 18, 20  # 18: the exporter's default; 20: the TorchScript exporter's newest
+IR_VERSION = 10  # opset 18-20 need IR >= 8; onnxruntime 1.31 reads at most 13
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Logits tolerance of the validation: the issue's 1e-4 for float32; float16 is compared against the
 # float32 runtime, where half precision itself costs ~1e-3 relative, hence a bound relative to the logits.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -253,13 +263,13 @@ def export_onnx(ckpt: str | Path, out: str | Path, options: OnnxExportOptions | 
         log("[slimformer] exporting without the cache op: the graph keeps every token (no eviction)")
         policy = None
 
-    dtype, optimum_dtype = EXPORT_DTYPES[options.dtype]
+    dtype = EXPORT_DTYPES[options.dtype]
     model = graph.build_model(dtype=dtype, attn_implementation="eager")
     started = time.perf_counter()
     with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
         log(f"[slimformer] exporting {len(config.block_configs)} layers ({len(slots)} cache slots"
             f"{', A2SF cache op' if evicting else ''}) to ONNX opset {options.opset}, {options.dtype} ...")
-        names = _export_graph(OnnxDecoder(model, evicting=evicting), tmp, options.opset, optimum_dtype,
+        names = _export_graph(OnnxDecoder(model, evicting=evicting), tmp, options.opset, dtype,
                               {"cache_layers": slots, "kv_cache": policy.to_dict() if policy else None})
         for file in source.tokenizer_files + source.carried_files + [source.path / "config.json"]:
             shutil.copyfile(file, tmp / file.name)
@@ -308,23 +318,34 @@ def _check_options(options: OnnxExportOptions) -> None:
         raise SlimformerError(f"unsupported ONNX dtype {options.dtype!r}", fix=f"use one of {', '.join(EXPORT_DTYPES)}")
 
 
-def _export_graph(module: OnnxDecoder, directory: Path, opset: int, dtype: str, properties: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """Trace ``module`` with optimum into ``directory/model.onnx``; attach the op body and metadata."""
+def _export_graph(
+    module: OnnxDecoder, directory: Path, opset: int, dtype: torch.dtype, properties: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Trace ``module`` into ``directory/model.onnx``; attach the op body and metadata."""
     import onnx
-    from optimum.exporters.onnx.convert import export
 
-    from .onnx_config import SlimformerOnnxConfig
+    from .onnx_config import DecoderSignature
 
-    onnx_config = SlimformerOnnxConfig(module.config, evicting=module.evicting, cache_widths=_cache_widths(module.model),
-                                       float_dtype=dtype)
+    signature = DecoderSignature(module.config, module.evicting, _cache_widths(module.model), dtype)
+    inputs, outputs = signature.inputs(), signature.outputs()
+    dummy = signature.dummy_inputs()
+    args = tuple(dummy[name] for name in ("input_ids", "attention_mask", "position_ids", "past_key_values"))
+    if module.evicting:
+        args += (dummy["cache_alpha"], dummy["cache_limits"])
     path = directory / MODEL_FILE
-    with tempfile.TemporaryDirectory(dir=directory) as scratch, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(dir=directory) as scratch, warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter warns about every traced Python int; keep the terminal readable.
         warnings.simplefilter("ignore")
-        # Trace into a scratch directory: optimum may write external data next to its file.
+        # Trace into a scratch directory: a large model's weights may be written as external data beside it.
         traced = Path(scratch) / MODEL_FILE
-        export(model=module, config=onnx_config, output=traced, opset=opset, disable_dynamic_axes_fix=True)
+        torch.onnx.export(
+            module, args, str(traced), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=list(inputs), output_names=list(outputs), dynamic_axes={**inputs, **outputs},
+            custom_opsets={onnx_cache_op.DOMAIN: onnx_cache_op.OP_VERSION} if module.evicting else None,
+        )
         model = onnx.load(str(traced))
+    model.ir_version = IR_VERSION
+    _store_shared_weights_once(model)
     if module.evicting:
         onnx_cache_op.attach(model)
     props = {entry.key: entry.value for entry in model.metadata_props}
@@ -334,6 +355,40 @@ def _export_graph(module: OnnxDecoder, directory: Path, opset: int, dtype: str, 
     onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=ONNX_DATA_FILE)
     onnx.checker.check_model(str(path))
     return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+
+def _store_shared_weights_once(model: Any) -> None:
+    """Replace initializers that repeat another one (exactly, or as its 2-D transpose) by a node reading
+    the original, so that a tied embedding / LM head is stored once. Small tensors are left alone."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    originals: dict[bytes, tuple[str, bool]] = {}  # digest -> (name, is the transpose of that name)
+    duplicates: list[tuple[Any, str, bool]] = []
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.size < 4096:
+            continue
+        digest = _digest(array)
+        if digest in originals:
+            source, transposed = originals[digest]
+            duplicates.append((init, source, transposed))
+            continue
+        originals[digest] = (init.name, False)
+        if array.ndim == 2:
+            originals.setdefault(_digest(np.ascontiguousarray(array.T)), (init.name, True))
+    for init, source, transposed in duplicates:
+        graph.initializer.remove(init)
+        op = helper.make_node("Transpose", [source], [init.name], perm=[1, 0]) if transposed else helper.make_node(
+            "Identity", [source], [init.name]
+        )
+        graph.node.insert(0, op)
+
+
+def _digest(array: np.ndarray) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(array.dtype.str.encode() + str(array.shape).encode() + array.tobytes(), digest_size=16).digest()
 
 
 def _cache_widths(model: nn.Module) -> list[tuple[int, int]]:
@@ -375,7 +430,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu"):
+    for package in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

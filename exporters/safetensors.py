@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from converter import runtime
+from converter import __version__
+from converter.environment import CHECKPOINT_FORMAT
 from converter.errors import SlimformerError
 from converter.graph import CheckpointGraph
 from converter.runtime import RUNTIME_FILES
@@ -96,6 +98,9 @@ def write_checkpoint(
     config_dict["auto_map"] = {"AutoConfig": "configuration_slimformer.SlimformerConfig"}
     auto_class = "AutoModel" if graph.is_encoder else "AutoModelForCausalLM"
     config_dict["auto_map"][auto_class] = f"modeling_slimformer.{model_class}"
+    # Which format and release wrote this, so that an older slimformer can say so instead of misreading it.
+    config_dict["slimformer_format"] = CHECKPOINT_FORMAT
+    config_dict["slimformer_version"] = __version__
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     for name in RUNTIME_FILES:
         shutil.copyfile(RUNTIME_DIR / name, directory / name)

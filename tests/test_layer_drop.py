@@ -94,7 +94,9 @@ def _reference_scores(path, family, windows, metric="cosine", compare="residual"
                 add("attention", i, _first(a, k), o[0])
 
             hooks.append(layer.attention.register_forward_hook(attention_done, with_kwargs=True))
-            hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: add("mlp", i, seen[("attn_out", i)], o[0])))
+            # A layer returns a tuple on transformers 4.57 and a tensor on 5.
+            hooks.append(layer.register_forward_hook(
+                lambda m, a, o, i=i: add("mlp", i, seen[("attn_out", i)], o[0] if isinstance(o, tuple) else o)))
             continue
         for kind, norm, module in (("attention", layer.input_layernorm, layer.self_attn), ("mlp", layer.post_attention_layernorm, layer.mlp)):
             hooks.append(norm.register_forward_hook(lambda m, a, o, i=i, kind=kind: seen.update({(kind, i): a[0], (kind + "_norm", i): o})))

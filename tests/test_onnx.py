@@ -24,7 +24,7 @@ import torch
 from conftest import PYCODER, STORIES, make_tiny, require
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("optimum.exporters.onnx")
+pytest.importorskip("onnx")
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -60,10 +60,10 @@ def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def rotary(config: SlimformerConfig, length: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from converter.runtime.rotary import RotaryEmbedding
 
     x = torch.zeros(1, length, config.hidden_size)
-    return LlamaRotaryEmbedding(config=config)(x, torch.arange(offset, offset + length)[None])
+    return RotaryEmbedding(config)(x, torch.arange(offset, offset + length)[None])
 
 
 # ---- C and shaped attention -----------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_shaped_attention_is_the_identity_at_initialisation(kv_heads):
     mask[1, :3] = 0
     with torch.no_grad():
         for attention_mask in (None, mask):
-            out = attention(x, rotary(config, 9), attention_mask, None, torch.arange(9))
+            out = attention(x, rotary(config, 9), attention_mask, None)
             assert torch.allclose(out, x, atol=1e-6)
         # Also through a KV cache: the identity term is the new token's own value, not a mis-sliced diagonal.
         model = SlimformerForCausalLM(config).eval()

@@ -76,7 +76,6 @@ class QueryKeyHeads(nn.Module):
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
     ) -> CacheStep:
         """Store this step's keys/values in the layer's cache slot (if any) and return what to attend over.
 
@@ -89,6 +88,6 @@ class QueryKeyHeads(nn.Module):
             return CacheStep(key, value, new_valid, None, 0)
         past_valid, past_len = past_key_validity(past_key_values, self.cache_idx, attention_mask, batch)
         key, value = past_key_values.update(
-            key, value, self.cache_idx, {"cache_position": cache_position, "new_valid": new_valid}
+            key, value, self.cache_idx, {"new_valid": new_valid}
         )
         return CacheStep(key, value, new_valid, past_valid, past_len)

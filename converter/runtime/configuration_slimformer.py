@@ -21,6 +21,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .rotary import normalise_rope
+
 ENCODER_FAMILIES = ("bert",)
 
 
@@ -48,7 +50,8 @@ class SlimformerConfig(PretrainedConfig):
         max_position_embeddings: int = 2048,
         initializer_range: float = 0.02,
         rms_norm_eps: float = 1e-6,
-        rope_theta: float = 10000.0,
+        rope_parameters: dict[str, Any] | None = None,
+        rope_theta: float | None = None,
         rope_scaling: dict[str, Any] | None = None,
         attention_bias: bool = False,
         attention_output_bias: bool = False,
@@ -57,6 +60,9 @@ class SlimformerConfig(PretrainedConfig):
         sliding_window: int | None = None,
         tie_word_embeddings: bool = False,
         use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.base_model_type = base_model_type
@@ -71,8 +77,9 @@ class SlimformerConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
+        # One RoPE description under either transformers release (see rotary.py): never assign
+        # ``rope_scaling``, which transformers 5 turns into a deprecated alias of ``rope_parameters``.
+        self.rope_parameters = normalise_rope(rope_parameters, rope_theta, rope_scaling)
         self.attention_bias = attention_bias
         self.attention_output_bias = attention_output_bias
         self.mlp_bias = mlp_bias
@@ -88,6 +95,12 @@ class SlimformerConfig(PretrainedConfig):
         if base_model_type in ENCODER_FAMILIES:
             kwargs.setdefault("is_decoder", False)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # Set after the base class: transformers 4.57 would reset these to its defaults, and transformers 5
+        # no longer gives every config special-token ids at all (the runtime and generate() read them).
+        self.tie_word_embeddings = tie_word_embeddings
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
 
     @property
     def is_encoder(self) -> bool:

@@ -35,6 +35,11 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers >= 5.24 calls the cache of model outputs (and the forward argument) ``cache``; earlier
+# releases ``past_key_values``. The runtime accepts both and returns the installed release's name.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 POLICIES = ("a2sf", "h2o", "streaming", "none")
 EVICTING_POLICIES = ("a2sf", "h2o", "streaming")
@@ -361,11 +366,18 @@ class EvictingLayer(DynamicLayer):
         """``[B, H_kv, P]`` logical position of each stored token, -1 for padding slots."""
         return None if self.positions is None else self.positions.masked_fill(~self.valid, -1)
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
         # As DynamicSlidingWindowLayer: the stored keys plus the query, offset by what left the cache. Exact
         # for masks that treat eviction as a shared prefix; the slimformer runtime masks by key_validity().
+        # transformers 4.57 passes the query's cache_position tensor, transformers 5 its length.
+        q_len = query if isinstance(query, int) else query.shape[0]
         physical = self.physical_length()
-        return physical + cache_position.shape[0], self.seen - physical
+        return physical + q_len, self.seen - physical
+
+    @property
+    def is_croppable(self) -> bool:
+        """transformers 5 asks before rolling a cache back: only possible while nothing was evicted."""
+        return self.physical_length() == self.seen
 
     # ---- scoring and eviction ---------------------------------------------------------------------------
 
@@ -453,6 +465,7 @@ class EvictingLayer(DynamicLayer):
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def crop(self, max_length: int) -> None:
+        # transformers 5 passes -(tokens to remove); 4.57 an absolute length or a negative count.
         if max_length < 0:
             max_length = self.seen - abs(max_length)
         if self.seen <= max_length:
@@ -509,6 +522,11 @@ def new_cache(config: Any) -> Cache:
         return DynamicCache()
     slots = getattr(config, "cache_layer_indices", None)
     return EvictingCache(policy, num_slots=len(slots) if slots is not None else None)
+
+
+def returned_cache(outputs: Any) -> Cache | None:
+    """The cache a model's forward returned, under either release's field name (no deprecation warning)."""
+    return getattr(outputs, CACHE_FIELD, None)
 
 
 def past_key_validity(

@@ -39,15 +39,12 @@ from transformers.models.bert.modeling_bert import (
     BertOutput,
     BertPooler,
 )
-from transformers.models.llama.modeling_llama import (
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-    eager_attention_forward,
-)
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attention_forward
 
 from .attention_heads import QueryKeyHeads
 from .configuration_slimformer import SlimformerConfig
-from .kv_cache import new_cache, observe_attention
+from .kv_cache import CACHE_FIELD, new_cache, observe_attention, returned_cache
+from .rotary import RotaryEmbedding
 from .sas import STANDARD, SasDecoderLayer, attention_form
 
 # Attention kernels that treat a missing mask as causal; every other one (eager, custom ones) gets it explicitly.
@@ -119,12 +116,11 @@ class SlimformerAttention(QueryKeyHeads):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
     ) -> torch.Tensor:
         batch, q_len, _ = hidden_states.shape
         query, key = self.queries_keys(hidden_states, position_embeddings)
         value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
-        step = self.cache_step(key, value, attention_mask, past_key_values, cache_position)
+        step = self.cache_step(key, value, attention_mask, past_key_values)
         impl = self.config._attn_implementation
         bias = attention_bias(
             step.past_valid, step.new_valid, q_len, step.past_len, query.dtype, query.device, self.config.sliding_window,
@@ -180,11 +176,10 @@ class SlimformerDecoderLayer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
     ) -> torch.Tensor:
         if self.self_attn is not None:
             hidden_states = hidden_states + self.self_attn(
-                self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, cache_position
+                self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
             )
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -196,6 +191,20 @@ def decoder_layer(config: SlimformerConfig, layer_idx: int, cache_idx: int | Non
     if attention_form(config, layer_idx) == STANDARD:
         return SlimformerDecoderLayer(config, layer_idx, cache_idx)
     return SasDecoderLayer(config, layer_idx, cache_idx, SlimformerMLP(config) if config.ffn_kept(layer_idx) else None)
+
+
+def reset_buffers(module: nn.Module, device: torch.device | str | None = None) -> None:
+    """Fill in the non-persistent buffers no weight file holds (RoPE frequencies, BERT's position and token
+    type ids) after a model was built on the meta device. ``device=None`` refills them where they are."""
+    if isinstance(module, RotaryEmbedding):
+        module.reset_buffers(device)
+    elif isinstance(module, BertEmbeddings):
+        if device is None and module.position_ids.is_meta:
+            return
+        length = module.position_embeddings.num_embeddings
+        target = device if device is not None else module.position_ids.device
+        module.position_ids = torch.arange(length, device=target).expand((1, -1))
+        module.token_type_ids = torch.zeros(1, length, dtype=torch.long, device=target)
 
 
 class SlimformerPreTrainedModel(PreTrainedModel):
@@ -220,6 +229,8 @@ class SlimformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             module.weight.data.fill_(1.0)
             module.bias.data.zero_()
+        else:
+            reset_buffers(module)  # transformers 5 initialises non-persistent buffers here
 
 
 class SlimformerModel(SlimformerPreTrainedModel):
@@ -233,7 +244,7 @@ class SlimformerModel(SlimformerPreTrainedModel):
             decoder_layer(config, i, cache_slots.get(i)) for i in range(config.num_hidden_layers)
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = RotaryEmbedding(config)
         self.post_init()
 
     def forward(
@@ -244,9 +255,12 @@ class SlimformerModel(SlimformerPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """``past_key_values`` and ``cache`` are one argument under two names: transformers >= 5.24 passes
+        ``cache=``, earlier releases ``past_key_values=``."""
+        past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -255,22 +269,24 @@ class SlimformerModel(SlimformerPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = new_cache(self.config)
         q_len = inputs_embeds.shape[1]
-        if cache_position is None:
-            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            cache_position = torch.arange(seen, seen + q_len, device=inputs_embeds.device)
         if position_ids is None:
-            position_ids = cache_position.unsqueeze(0)
+            # Positions continue from the tokens the cache has SEEN (logical; an evicting cache stores fewer).
+            # No cache_position argument: transformers 5 removed it, and 4.57's generate() passes it only
+            # as a keyword that **kwargs absorbs -- it always equals these positions.
+            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(seen, seen + q_len, device=inputs_embeds.device).unsqueeze(0)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_embeddings, attention_mask, past_key_values, cache_position)
+            hidden_states = layer(hidden_states, position_embeddings, attention_mask, past_key_values)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: past_key_values if use_cache else None})
 
 
 class SlimformerForCausalLM(SlimformerPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+    # A mapping (target -> source) as transformers 5 requires; 4.57 iterates it and reads the keys.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: SlimformerConfig) -> None:
         super().__init__(config)
@@ -299,18 +315,17 @@ class SlimformerForCausalLM(SlimformerPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            cache_position=cache_position,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
@@ -321,7 +336,7 @@ class SlimformerForCausalLM(SlimformerPreTrainedModel, GenerationMixin):
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: returned_cache(outputs)})
 
 
 class SlimformerEncoderLayer(nn.Module):

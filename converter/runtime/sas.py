@@ -247,7 +247,6 @@ class ShapedAttention(QueryKeyHeads):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
     ) -> torch.Tensor:
         batch, q_len, _ = hidden_states.shape
         query, key = self.queries_keys(hidden_states, position_embeddings)
@@ -255,7 +254,7 @@ class ShapedAttention(QueryKeyHeads):
         group_width = self.num_key_value_groups * self.head_dim
         values = value.view(batch, q_len, self.num_key_value_heads, group_width).transpose(1, 2)
 
-        step = self.cache_step(key, values, attention_mask, past_key_values, cache_position)
+        step = self.cache_step(key, values, attention_mask, past_key_values)
         key, values = step.key, step.value
         if past_key_values is not None:
             if values.shape[-1] != group_width:
@@ -317,10 +316,9 @@ class SasDecoderLayer(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
-        cache_position: torch.Tensor,
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states) if self.input_layernorm is not None else hidden_states
-        attended = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, cache_position)
+        attended = self.self_attn(normed, position_embeddings, attention_mask, past_key_values)
         if self.form.attention_skip:
             attended = hidden_states + attended
         if self.mlp is None:
