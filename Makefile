@@ -10,7 +10,7 @@ EXTRAS ?= dev,onnx,gguf
 # One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
 PYTEST_ENV = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
-.PHONY: demo setup setup-legacy test test-slow test-legacy test-all lint format clean
+.PHONY: demo setup setup-legacy kernels test test-slow test-legacy test-gpu test-all lint format clean
 
 # $(call venv,DIR,CONSTRAINTS): create DIR if needed and install the project into it with those pins.
 # torch first, pinned: the CPU wheel is found locally; an unpinned torch would pull CUDA packages.
@@ -33,6 +33,13 @@ setup-legacy: $(LEGACY_VENV)/.slimformer-installed
 $(LEGACY_VENV)/.slimformer-installed: pyproject.toml constraints-legacy.txt
 	$(call venv,$(LEGACY_VENV),constraints-legacy.txt)
 
+# Native ORT kernels of the A2SF cache op (exporters/native/build.py): ORT's C API headers from npm into
+# ~/.cache/slimformer once, the CPU library with g++, the CUDA one where nvcc exists, into
+# exporters/native/build/ (git-ignored). A no-op when up to date; KERNEL_FLAGS=--cuda makes nvcc required.
+KERNEL_FLAGS ?=
+kernels:
+	$(PYTHON) exporters/native/build.py $(KERNEL_FLAGS)
+
 demo: setup
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/slimformer convert examples/models/tiny-stdlib-lm -o $(DEMO_OUT) \
@@ -51,6 +58,10 @@ test-slow: setup
 # Fast and slow suites on transformers 4.57; the cross-stack test then loads into the current stack.
 test-legacy: setup-legacy
 	$(PYTEST_ENV) SLIMFORMER_OTHER_PYTHON=$(abspath $(VENV))/bin/python $(LEGACY_VENV)/bin/python -m pytest -q -m "not vllm"
+
+# On a machine with a GPU (onnxruntime-gpu installed): the CUDA kernel and provider tests.
+test-gpu: setup
+	$(PYTEST_ENV) $(VENV)/bin/python -m pytest -q -m gpu
 
 test-all: setup
 	$(PYTEST_ENV) $(VENV)/bin/python -m pytest -q

@@ -56,6 +56,7 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     """A float32 safetensors directory of SmolLM2-135M-Instruct (with tokenizer), converted once."""
     out = (cache or cache_root()) / "smollm2" / "SmolLM2-135M-Instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        _readable_by_both_releases(out)
         return out
     gguf = smollm2_gguf(cache)
     import torch
@@ -73,9 +74,28 @@ def smollm2_dir(cache: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         model.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
+        _readable_by_both_releases(Path(scratch))
         os.replace(scratch, out)
         os.makedirs(scratch, exist_ok=True)  # TemporaryDirectory removes its own path on exit
     return out
+
+
+def _readable_by_both_releases(directory: Path) -> None:
+    """transformers 5 writes ``rope_parameters`` and ``tokenizer_class: TokenizersBackend``; 4.57 reads neither
+    (it would silently use RoPE base 10,000 instead of 100,000, and fail to load the tokenizer). Write the
+    fields both releases read; idempotent."""
+    import json
+
+    config_path, tokenizer_path = directory / "config.json", directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and config.get("rope_theta") != theta:
+        config["rope_theta"] = theta
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer = json.loads(tokenizer_path.read_text())
+    if tokenizer.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
+        tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n")
 
 
 def main() -> None:

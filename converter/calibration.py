@@ -67,6 +67,63 @@ def _is_valid_path(relative_path: str) -> bool:
     return digest[0] % 10 == 0
 
 
+def local_source_path(spec: str) -> Path | None:
+    """The local file or directory a spec names, or ``None`` for ``stdlib[...]`` and ``hf:...``."""
+    if spec == "stdlib" or spec.startswith(("stdlib:", "hf:")):
+        return None
+    return Path(spec).expanduser()
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a local source reads, in reading order: the file itself, or a directory's text files."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+
+
+def source_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a local source's content (a directory: its text files' names and bytes), so that a
+    replayed pipeline can tell that its data changed."""
+    digest = hashlib.sha256()
+    for file in source_files(path):
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def check_source(spec: str, *, flag: str = "--calib") -> None:
+    """Fail now, before any work, if ``spec`` cannot be read: a missing path, an empty directory, an unknown
+    stdlib split, a malformed ``hf:`` spec or a Hub dataset while offline. Reads no text."""
+    if spec == "stdlib" or spec.startswith("stdlib:"):
+        split = spec.split(":", 1)[1] if ":" in spec else "all"
+        if split not in STDLIB_SPLITS:
+            raise SlimformerError(f"unknown stdlib split {split!r} in {flag} {spec}",
+                                  fix=f"use one of {', '.join('stdlib:' + s for s in STDLIB_SPLITS)}")
+        return
+    if spec.startswith("hf:"):
+        if not spec[3:].split(":")[0]:
+            raise SlimformerError(f"malformed Hub dataset spec {spec!r} in {flag}",
+                                  fix="write hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise SlimformerError(f"Hub dataset {spec!r} requested while offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)",
+                                  fix="use a local file or 'stdlib', or unset the offline variable")
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SlimformerError(
+            f"{flag} source {spec!r} does not exist",
+            fix="give a text/jsonl/gzip file, a directory of them, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'",
+        )
+    if not source_files(path):
+        raise SlimformerError(f"{flag} directory holds no text files", where=str(path),
+                              fix=f"put files ending in {', '.join(TEXT_SUFFIXES)} (or .gz) there")
+    unreadable = [file for file in source_files(path) if not os.access(file, os.R_OK)]
+    if unreadable:
+        raise SlimformerError(f"{flag} source cannot be read (permission denied)", where=str(unreadable[0]),
+                              fix="make the file readable (chmod u+r) or choose another source")
+
+
 def iter_documents(spec: str) -> Iterator[str]:
     """Yield the documents of a source spec in their natural (deterministic) order."""
     if spec == "stdlib" or spec.startswith("stdlib:"):
@@ -85,7 +142,7 @@ def iter_documents(spec: str) -> Iterator[str]:
             f"calibration/evaluation source {spec!r} does not exist",
             fix="give a text/jsonl/gzip file, a directory of them, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'",
         )
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+    files = source_files(path)
     if not files:
         raise SlimformerError(
             "directory holds no text files", where=str(path), fix=f"put files ending in {', '.join(TEXT_SUFFIXES)} (or .gz) there"

@@ -1,21 +1,40 @@
 """The ``slimformer`` command line.
 
-Results go to stdout, diagnostics and progress to stderr; every user error is one line on stderr and a
-non-zero exit (2).
+Results go to stdout, diagnostics and progress to stderr. Every failure is one line on stderr,
+``error: WHAT (at WHERE). Fix: HOW``, never a traceback: exit 2 for bad input or environment (a
+:class:`SlimformerError`, a usage error, a full disk, a permission), 130 for Ctrl-C, 143 for SIGTERM, and 1
+for a bug in slimformer (``internal error``). ``slimformer --debug ...`` or ``SLIMFORMER_DEBUG=1`` prints
+the traceback as well, for bug reports. ``-q`` silences progress and log lines only: results still go to
+stdout, warnings still to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .environment import require_extra
 from .errors import SlimformerError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+# Options shared by several commands: one wording everywhere.
+DEVICE_HELP = "cpu, cuda or cuda:N."
+DTYPE_HELP = "Working precision: float32, float16 or bfloat16."
+PICKLE_HELP = "Allow reading .bin/.pt weights (unpickling). Only for files you trust."
+REMOTE_CODE_HELP = "Allow a checkpoint that ships its own code (auto_map)."
+QUIET_HELP = "No progress or log lines on stderr; results still go to stdout and warnings to stderr."
+WINDOW_HELP = "Tokens per perplexity window."
+MAX_TOKENS_HELP = "Evaluate at most this many tokens of the perplexity source."
+PPL_HELP = "Perplexity text source: file, directory, 'stdlib[:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'."
+DEBUG = {"on": False}  # tracebacks too: SLIMFORMER_DEBUG=1 (read by main()) or --debug
 
 
 def parse_options(text: str, flag: str) -> dict[str, Any]:
@@ -25,8 +44,30 @@ def parse_options(text: str, flag: str) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SlimformerError(f"malformed {flag} item {item!r}", fix=f"write {flag} key=value[,key=value...]")
-        options[key.strip().replace("-", "_")] = _coerce(value.strip())
+        options[key.strip().replace("-", "_")] = _coerce(value.strip())  # one spelling: heal-steps is heal_steps
     return options
+
+
+class PassOptionsCommand(click.Command):
+    """``convert``: its help ends with every pass's option keys, defaults and meanings, read from the pass
+    config dataclasses when help is asked for (so it cannot drift, and plain runs do not import the passes)."""
+
+    FLAGS = {"layer_drop": "--drop KIND:N, --iterative, --max-ppl-increase PCT, --streaming",
+             "sas": "--sas key=value,...", "a2sf": "--a2sf key=value,..."}
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from .pipeline import available_passes, option_rows
+
+        super().format_epilog(ctx, formatter)
+        formatter.write_paragraph()
+        formatter.write_text("Pass options: --sas and --a2sf take key=value[,key=value...]; a pipeline file's [[passes]] "
+                             "table takes the same keys. Keys are written with '_' ('heal-steps' is read as "
+                             "'heal_steps').")
+        for name, cls in sorted(available_passes().items(), key=lambda item: list(self.FLAGS).index(item[0])
+                                if item[0] in self.FLAGS else len(self.FLAGS)):
+            with formatter.section(f"{name} ({self.FLAGS.get(name, 'pipeline file only')})"):
+                formatter.write_dl([(key, f"{meaning} (default: {default})")
+                                    for key, default, meaning in option_rows(cls.config_class)])
 
 
 def _coerce(value: str) -> Any:
@@ -56,7 +97,8 @@ def _kv_cache_override(a2sf: str | None) -> dict[str, Any] | None:
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="slimformer")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="On failure, print the traceback too (for bug reports; or SLIMFORMER_DEBUG=1).")
+def cli(debug: bool) -> None:
     """slimformer: convert Hugging Face checkpoints into smaller, faster models, with the cost measured.
 
     \b
@@ -64,38 +106,53 @@ def cli() -> None:
     slimformer report out
     slimformer eval out --ppl stdlib:valid
     slimformer generate out --prompt "def main():"
+
+    \b
+    Every failure is one line on stderr (`error: ... Fix: ...`) and exit code 2; 1 means a bug in slimformer
+    (re-run with --debug and report the traceback), 130 Ctrl-C, 143 SIGTERM.
     """
+    if debug:
+        DEBUG["on"] = True
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, cls=PassOptionsCommand)
 @click.argument("source")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
 @click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path), help="Pipeline spec (TOML or YAML) to run or replay.")
-@click.option("--calib", multiple=True, help="Calibration source: file, directory, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'. Repeatable.")
+@click.option("--calib", multiple=True, help="Calibration source: file, directory, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'. "
+              "Repeatable. Default: stdlib:train (Python source code; a pass that calibrates says so on stderr).")
 @click.option("--calib-samples", type=int, help="Number of calibration windows (default 32).")
 @click.option("--calib-seq-len", type=int, help="Tokens per calibration window (default 256).")
 @click.option("--calib-seed", type=int, help="Seed for choosing calibration windows (default 0).")
-@click.option("--eval-ppl", help="Measure perplexity before and after on this source.")
+@click.option("--eval-ppl", "--ppl", "eval_ppl", help="Measure perplexity before and after on this source (file, directory, "
+              "'stdlib[:valid]', 'hf:...'); --ppl is the same flag, as in `slimformer eval`.")
+@click.option("--window", type=int, help=WINDOW_HELP.rstrip(".") + " (default 256).")
+@click.option("--max-tokens", type=int, help=MAX_TOKENS_HELP.rstrip(".") + " (default 16384).")
 @click.option("--drop", help="Layer drop: attn:N, mlp:N, block:N or joint:N (N a count, or a ratio like 0.25).")
 @click.option("--iterative", is_flag=True, default=None, help="Layer drop: re-score after each removal.")
 @click.option("--max-ppl-increase", type=float, help="Layer drop: drop while --eval-ppl perplexity rises at most PCT percent.")
 @click.option("--streaming", is_flag=True, default=None,
               help="Layer drop: score one block at a time (one block's weights in memory), for models larger than RAM.")
-@click.option("--sas", help="SAS conversion, e.g. layers=2,heal-steps=200.")
-@click.option("--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (policy=a2sf|h2o|streaming).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for calibration and evaluation.")
-@click.option("--dtype", default="float32", show_default=True, help="Working precision: float32, float16, bfloat16.")
+@click.option("--sas", help="SAS conversion, e.g. layers=2,heal_steps=200 (every key: 'sas' below).")
+@click.option("--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (every key: 'a2sf' below).")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP + " Calibration, evaluation and healing run there.")
+@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
 @click.option("--save-dtype", help="Precision of the written weights (default: unchanged).")
 @click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s before and after.")
-@click.option("--allow-pickle", is_flag=True, help="Allow reading .bin/.pt weights (unpickling). Only for files you trust.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow a source checkpoint that ships its own code.")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " (The summary still prints.)")
 def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str, ...], calib_samples: int | None,
-            calib_seq_len: int | None, calib_seed: int | None, eval_ppl: str | None, drop: str | None, iterative: bool | None,
+            calib_seq_len: int | None, calib_seed: int | None, eval_ppl: str | None, window: int | None,
+            max_tokens: int | None, drop: str | None, iterative: bool | None,
             max_ppl_increase: float | None, streaming: bool | None, sas: str | None, a2sf: str | None, device: str, dtype: str,
             save_dtype: str | None, speed: bool, allow_pickle: bool, trust_remote_code: bool, overwrite: bool, quiet: bool) -> None:
     """Convert SOURCE (a local directory or Hub id) into a smaller checkpoint in OUT, with a report.
+
+    Every option, pass option and the passes' effect on each other (e.g. layers left for --sas after --drop)
+    is checked against SOURCE before any work. Prints a summary on stdout; `slimformer report OUT` prints the
+    whole report. Missing parent directories of OUT are created.
 
     \b
     Examples:
@@ -103,21 +160,29 @@ def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str
       slimformer convert ./my-llama -o out --drop attn:4 --eval-ppl stdlib:valid
       slimformer convert Qwen/Qwen2.5-0.5B -o out --drop joint:0.25 --calib data.jsonl
       slimformer convert ./my-llama -o out --a2sf budget=256,alpha=0.5
-      slimformer convert ./my-llama -o out2 --pipeline out/pipeline.toml   # replay
+      slimformer convert ./my-llama -o out --sas layers=2,heal_steps=200 --calib data.txt
+      slimformer convert ./my-llama -o out2 --pipeline out/pipeline.toml   # replay, from any directory
     """
     from .conversion import ConvertOptions
     from .conversion import convert as run_convert
     from .pipeline import PassSpec, PipelineSpec
-    from .report import render_terminal
+    from .report import render_summary
 
     spec = PipelineSpec.from_file(pipeline_file) if pipeline_file else PipelineSpec()
     if calib:
         spec.calibration.sources = list(calib)
+        spec.calibration_given = True
     for name, value in (("samples", calib_samples), ("seq_len", calib_seq_len), ("seed", calib_seed)):
         if value is not None:
             setattr(spec.calibration, name, value)
     if eval_ppl:
         spec.evaluation.ppl = eval_ppl
+    for name, value in (("window", window), ("max_tokens", max_tokens)):
+        if value is not None:
+            setattr(spec.evaluation, name, value)
+    if (window is not None or max_tokens is not None) and not spec.evaluation.ppl:
+        raise SlimformerError("--window and --max-tokens set the perplexity evaluation, and none was asked for",
+                              fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid), or drop them")
     if streaming and not drop and max_ppl_increase is None:
         raise SlimformerError("--streaming applies to layer-drop scoring, and no layer drop was asked for",
                               fix="add --drop attn:N (or mlp:N, block:N, joint:N, or --max-ppl-increase PCT)")
@@ -136,8 +201,7 @@ def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str
     options = ConvertOptions(device=device, dtype=dtype, save_dtype=save_dtype, allow_pickle=allow_pickle,
                              trust_remote_code=trust_remote_code, overwrite=overwrite, quiet=quiet, measure_speed=speed)
     report = run_convert(source, out, spec, options)
-    if not quiet:
-        click.echo(render_terminal(report))
+    click.echo(render_summary(report))  # a result, so -q keeps it; the full report is `slimformer report OUT`
 
 
 @cli.command(context_settings=CONTEXT)
@@ -158,8 +222,8 @@ def report(directory: Path, as_json: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("source")
-@click.option("--allow-pickle", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
 def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Print the checkpoint graph of SOURCE (original or converted): nodes, states, tensors, parameters.
 
@@ -167,10 +231,16 @@ def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
     Example:
       slimformer inspect ../shared/models/stories260K
     """
-    from .graph import load_graph
+    from .graph import REPLACED, load_graph
     from .source import resolve_source
 
     graph = load_graph(resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
+    # A checkpoint stores a simplified attention as its block config's form; call it what the report calls it.
+    for block in graph.blocks:
+        form = block.attention.details.get("form", "standard")
+        if block.attention.kept and form != "standard":
+            block.attention.state = REPLACED
+            block.attention.reason = block.attention.reason or f"SAS attention, form {form}"
     click.echo(graph.describe())
 
 
@@ -188,11 +258,11 @@ def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
 @click.option("--streaming", is_flag=True, help="Score one layer at a time (one block's weights in memory).")
 @click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON to this file.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--allow-pickle", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len: int, calib_seed: int, metric: str,
           compare: str, drop: str | None, streaming: bool, batch_size: int, json_path: Path | None, device: str, dtype: str,
           allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
@@ -224,7 +294,16 @@ def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len
     device, torch_dtype = check_device(device), parse_dtype(dtype)
     specs = [drop] if drop else [f"{kind}:0.25" for kind in ("attn", "mlp", "block", "joint")]
     for text in specs:
-        DropSpec.parse(text)  # a bad spec fails before the scoring work
+        DropSpec.parse(text).resolve(graph, text)  # a bad spec, or one asking for too many, fails before scoring
+    for name, value, least in (("--calib-samples", calib_samples, 1), ("--calib-seq-len", calib_seq_len, 2),
+                               ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise SlimformerError(f"{name} must be at least {least} (got {value})", fix=f"e.g. {name} {max(least, 8)}")
+    from .calibration import check_source
+
+    for spec in calib:
+        check_source(spec, flag="--calib")
+    _check_json_path(json_path)
     scores = {}
     for spec in calib:
         windows = sample_windows(tokenizer, spec, calib_samples, calib_seq_len, calib_seed)
@@ -253,6 +332,36 @@ def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len
         json_path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _check_json_path(path: Path | None) -> None:
+    """A --json file that cannot be written fails now, not after the measurement it would hold."""
+    import tempfile
+
+    if path is None:
+        return
+    parent = path.expanduser().absolute().parent
+    if path.is_dir():
+        raise SlimformerError("--json names a directory", where=str(path), fix="give a file path, e.g. --json result.json")
+    if not parent.is_dir():
+        raise SlimformerError("the directory for --json does not exist", where=str(parent), fix="create it, or choose another path")
+    try:  # a real probe: os.access() says yes to root on read-only file systems
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SlimformerError(f"cannot write --json there ({exc.strerror})", where=str(parent),
+                              fix="choose a writable location for --json") from exc
+
+
+def _require_decoder(ckpt: str, allow_pickle: bool, trust_remote_code: bool, command: str) -> None:
+    """Refuse an encoder from the checkpoint's headers, before its weights are loaded."""
+    from .graph import load_graph
+    from .source import resolve_source
+
+    if load_graph(resolve_source(ckpt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)).is_encoder:
+        raise SlimformerError(f"{command} needs a causal language model; this checkpoint is an encoder", where=ckpt,
+                              fix="use a decoder checkpoint (llama, mistral, qwen2, qwen3)")
+
+
 def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bool, trust_remote_code: bool):
     from .conversion import load_model, load_tokenizer
     from .source import resolve_source
@@ -268,19 +377,19 @@ def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bo
 
 @cli.command("eval", context_settings=CONTEXT)
 @click.argument("ckpt")
-@click.option("--ppl", "ppl_source", required=True, help="Text source for perplexity (file, directory, stdlib[:valid], hf:...).")
-@click.option("--window", default=256, show_default=True, help="Tokens per evaluation window.")
+@click.option("--ppl", "--eval-ppl", "ppl_source", required=True, help=PPL_HELP + " --eval-ppl is the same flag, as in convert.")
+@click.option("--window", default=256, show_default=True, help=WINDOW_HELP)
 @click.option("--stride", type=int, help="Advance between windows (default: window, i.e. disjoint windows).")
-@click.option("--max-tokens", default=16384, show_default=True, help="Evaluate at most this many tokens of the source.")
+@click.option("--max-tokens", default=16384, show_default=True, help=MAX_TOKENS_HELP)
 @click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5 (policy=none: full cache).")
 @click.option("--continuation", type=int, help="Under eviction: tokens decoded and scored at the end of each window (default: window/4).")
 @click.option("--chunk", type=int, help="Under eviction: continuation tokens fed per forward (default 1: token by token).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--allow-pickle", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, max_tokens: int, a2sf: str | None,
                  continuation: int | None, chunk: int | None, json_path: Path | None, device: str, dtype: str,
                  allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
@@ -299,8 +408,14 @@ def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, ma
       slimformer eval out --ppl wiki.test.raw --window 512 --stride 256 --json ppl.json
       slimformer eval out --ppl stdlib:valid --window 512 --a2sf budget_ratio=0.2,alpha=0.1
     """
+    from .calibration import check_source
     from .evaluation import eviction_perplexity, perplexity
 
+    # The arguments first: loading a large model to then refuse --window -3 would waste minutes.
+    _check_eval_arguments(window, stride, max_tokens, continuation, chunk)
+    _check_json_path(json_path)
+    check_source(ppl_source, flag="--ppl")
+    _require_decoder(ckpt, allow_pickle, trust_remote_code, "perplexity")
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
     policy = _active_policy(model, ckpt)
     if policy is None and continuation is None and chunk is None:
@@ -324,6 +439,37 @@ def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, ma
         json_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _check_eval_arguments(window: int, stride: int | None, max_tokens: int, continuation: int | None,
+                          chunk: int | None) -> None:
+    if window < 2:
+        raise SlimformerError(f"--window must be at least 2 tokens (got {window})", fix="e.g. --window 256")
+    if stride is not None and not 1 <= stride <= window:
+        raise SlimformerError(f"--stride must be between 1 and the window ({window}), got {stride}",
+                              fix=f"e.g. --stride {max(1, window // 2)}, or leave it out for disjoint windows")
+    if max_tokens < 2:
+        raise SlimformerError(f"--max-tokens must be at least 2 (got {max_tokens})", fix="e.g. --max-tokens 16384")
+    if continuation is not None and not 1 <= continuation < window:
+        raise SlimformerError(
+            f"--continuation must be between 1 and the window - 1 = {window - 1} (got {continuation})",
+            fix="the window holds the prompt and the continuation: shorten --continuation or widen --window",
+        )
+    if chunk is not None and chunk < 1:
+        raise SlimformerError(f"--chunk must be at least 1 (got {chunk})", fix="e.g. --chunk 1 (token by token)")
+
+
+def _check_generation_arguments(max_new_tokens: int, sample: bool, temperature: float, top_p: float) -> None:
+    """Refuse what transformers would refuse with a traceback (or silently ignore) before loading anything."""
+    if max_new_tokens < 1:
+        raise SlimformerError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", fix="e.g. --max-new-tokens 32")
+    if sample and not temperature > 0:
+        raise SlimformerError(f"--sample needs --temperature > 0 (got {temperature})",
+                              fix="use e.g. --temperature 0.8, or drop --sample for greedy decoding")
+    if not 0 < top_p <= 1:
+        raise SlimformerError(f"--top-p must lie in (0, 1] (got {top_p})", fix="e.g. --top-p 0.9 (1 keeps every token)")
+    if not sample and (temperature != 1.0 or top_p != 1.0):
+        click.echo("warning: --temperature and --top-p apply only with --sample; decoding greedily", err=True)
+
+
 def _active_policy(model: Any, ckpt: str) -> Any:
     """The evicting CachePolicy the model's own cache follows, or ``None`` for a plain cache."""
     from .runtime.kv_cache import CachePolicy
@@ -342,19 +488,24 @@ def _active_policy(model: Any, ckpt: str) -> Any:
 @cli.command(context_settings=CONTEXT)
 @click.argument("ckpt")
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate (at least 1).")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True)
-@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True, help="With --sample: softmax temperature (> 0).")
+@click.option("--top-p", default=1.0, show_default=True, help="With --sample: nucleus sampling mass, in (0, 1].")
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling.")
 @click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5.")
-@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
-@click.option("--allow-pickle", is_flag=True)
-@click.option("--trust-remote-code", is_flag=True)
+@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="torch: a converted (or original) checkpoint; onnx: a directory from `slimformer export onnx`.")
+@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
+@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP + " (--runtime torch)")
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
+@click.option("--cache-kernel", type=click.Choice(["auto", "native", "function"]), default=None,
+              help="--runtime onnx: run the A2SF cache op with the native kernel (`make kernels`), its ONNX function "
+                   "body, or auto (native when built; the default). Given, it also says on stderr which one runs.")
 def generate(ckpt: str, prompt: str, max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int,
-             a2sf: str | None, runtime: str, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool) -> None:
+             a2sf: str | None, runtime: str, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool,
+             cache_kernel: str | None) -> None:
     """Generate text from CKPT (greedy by default). The text goes to stdout.
 
     \b
@@ -364,12 +515,19 @@ def generate(ckpt: str, prompt: str, max_new_tokens: int, sample: bool, temperat
     """
     import torch
 
+    _check_generation_arguments(max_new_tokens, sample, temperature, top_p)
     if runtime == "onnx":
-        from exporters.onnx import generate_text
+        require_extra("onnx", "`slimformer generate --runtime onnx`")
+        from exporters.onnx_runtime import generate_text
 
+        report = (lambda line: click.echo(line, err=True)) if cache_kernel else None
         click.echo(generate_text(ckpt, prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                                 top_p=top_p, seed=seed, a2sf=_kv_cache_override(a2sf), device=device))
+                                 top_p=top_p, seed=seed, a2sf=_kv_cache_override(a2sf), device=device,
+                                 cache_kernel=cache_kernel or "auto", report=report))
         return
+    if cache_kernel:
+        raise SlimformerError("--cache-kernel applies to --runtime onnx only", fix="add --runtime onnx, or drop --cache-kernel")
+    _require_decoder(ckpt, allow_pickle, trust_remote_code, "generate")
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
     if model.config.is_encoder:
         raise SlimformerError("generate needs a causal language model; this checkpoint is an encoder", where=ckpt)
@@ -395,7 +553,7 @@ def export() -> None:
 @click.option("--cache-op/--no-cache-op", default=None, help="Put the A2SF cache-eviction op into the graph (default: when the checkpoint's kv_cache policy evicts).")
 @click.option("--no-validate", is_flag=True, help="Skip comparing ONNX Runtime with the PyTorch runtime after export.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " (The result line still prints.)")
 def export_onnx(ckpt: str, out: Path, opset: int, dtype: str, cache_op: bool | None, no_validate: bool, overwrite: bool,
                 quiet: bool) -> None:
     """Export the converted checkpoint CKPT to ONNX (model.onnx + tokenizer + slimformer_onnx.json) in OUT.
@@ -406,32 +564,99 @@ def export_onnx(ckpt: str, out: Path, opset: int, dtype: str, cache_op: bool | N
       slimformer export onnx out -o out-onnx --cache-op --dtype float16
       slimformer generate out-onnx --runtime onnx --prompt "def main():"
     """
+    require_extra("onnx", "`slimformer export onnx`")
     from exporters.onnx import OnnxExportOptions
     from exporters.onnx import export_onnx as run_export
 
     options = OnnxExportOptions(opset=opset, dtype=dtype, cache_op=cache_op, validate=not no_validate,
                                 overwrite=overwrite, quiet=quiet)
     metadata = run_export(ckpt, out, options)
+    runs = (metadata.get("validation") or {}).get("runs", [])  # the result: printed with -q too
+    worst = max((run["max_abs_diff"] for run in runs), default=None)
+    checked = f", validated (max |logits difference| {worst:.1e})" if worst is not None else ", not validated"
+    click.echo(f"{out}: opset {metadata['opset']}, {metadata['dtype']}, {len(metadata['cache_layers'])} cache slot(s)"
+               f"{', A2SF cache op' if metadata['evicting'] else ''}{checked}")
+
+
+@export.command("vllm", context_settings=CONTEXT)
+@click.argument("ckpt")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
+@click.option("--pad-head-dim", type=int, help="Zero-pad attention heads to this size (same function, more KV cache): "
+              "for head sizes vLLM's CPU kernels lack (they have 32, 64, 80, 96, 112, 128, ...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output (warnings still go to stderr).")
+def export_vllm(ckpt: str, out: Path, pad_head_dim: int | None, overwrite: bool, quiet: bool) -> None:
+    """Export CKPT to a Nemotron-NAS (DeciLMForCausalLM) directory OUT that vLLM serves.
+
+    \b
+    Dropped attention / MLP sub-blocks stay dropped (vLLM allocates KV cache only for layers with
+    attention). SAS layers and q/k norms (Qwen3) are refused; a KV-cache eviction policy is not carried.
+
+    \b
+    Examples:
+      slimformer export vllm out -o out-vllm
+      slimformer export vllm tiny-out -o tiny-vllm --pad-head-dim 32   # head_dim 8 -> vLLM on CPU
+      vllm serve out-vllm --trust-remote-code
+      python -c "from vllm import LLM; LLM(model='out-vllm', trust_remote_code=True)"
+    """
+    from exporters.vllm import export_vllm as run_export
+
+    metadata = run_export(ckpt, out, overwrite=overwrite, quiet=quiet, pad_head_dim=pad_head_dim)
     if not quiet:
-        runs = (metadata.get("validation") or {}).get("runs", [])
-        worst = max((run["max_abs_diff"] for run in runs), default=None)
-        checked = f", validated (max |logits difference| {worst:.1e})" if worst is not None else ", not validated"
-        click.echo(f"{out}: opset {metadata['opset']}, {metadata['dtype']}, {len(metadata['cache_layers'])} cache slot(s)"
-                   f"{', A2SF cache op' if metadata['evicting'] else ''}{checked}")
+        click.echo(f"{out}: {metadata['architecture']}, {metadata['num_layers']} layers, {metadata['attention_layers']} with "
+                   f"attention (KV cache), {metadata['mlp_layers']} with MLP; serve: vllm serve {out} --trust-remote-code")
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception in the main thread, so that temporary outputs are removed on the way out
+    (the default action would end the process on the spot and leave them)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    """Print one ``error: ...`` line (after the traceback with --debug) and exit with ``code``."""
+    if exc is not None and DEBUG["on"]:
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(f"error: {' '.join(message.split())}", err=True)  # one line, whatever the message held
+    sys.exit(code)
+
+
+def _usage_fix(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    return f"see `{ctx.command_path if ctx else 'slimformer'} --help`"
 
 
 def main() -> None:
+    """The ``slimformer`` entry point: every way a command can fail ends as one line on stderr."""
+    from .environment import check_stack
+
+    DEBUG["on"] = os.environ.get("SLIMFORMER_DEBUG", "") not in ("", "0")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        cli.main(standalone_mode=False)
+        check_stack()  # an unsupported torch / transformers gets one line here, not a traceback later
+        code = cli.main(standalone_mode=False)
     except SlimformerError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.message, 2, exc)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        _fail("interrupted; nothing was written (temporary outputs were removed)", 130, exc)
+    except Terminated as exc:
+        _fail("terminated (SIGTERM); nothing was written (temporary outputs were removed)", 143, exc)
+    except click.ClickException as exc:  # usage errors: click's several lines become one, with the fix
+        _fail(f"{exc.format_message().rstrip('.')}. Fix: {_usage_fix(exc)}", exc.exit_code, exc)
+    except OSError as exc:
+        # A full disk or a permission outside an output directory (e.g. --json into a read-only place).
+        from exporters.safetensors import write_failure
+
+        problem = write_failure(exc, Path(exc.filename or ".").absolute()) if exc.filename else None
+        message = problem.message if problem else f"{exc.strerror or exc} (at {exc.filename}). Fix: check the path"
+        _fail(message, 2, exc)
+    except Exception as exc:  # a bug in slimformer: still one line, and the way to report it
+        _fail(f"internal error: {type(exc).__name__}: {exc}. Fix: this is a bug in slimformer; re-run with "
+              "`slimformer --debug ...` (or SLIMFORMER_DEBUG=1) and report the traceback", 1, exc)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """End-to-end conversion: source -> graph -> passes -> measured, written output; and model loading.
 
-``convert()`` checks the output location first (so a bad ``-o`` fails before minutes of work), measures
-the source model, runs the pipeline, measures again, and writes checkpoint + report + replayable
-pipeline into a temporary directory that becomes the output only when complete.
+``convert()`` checks everything it can before any work -- the output location, the pass options against
+the source's graph (a dry run of the whole pipeline, so one pass's effect on the next is checked too), the
+text sources, the evaluation settings, the calibration windows -- then measures the source model, runs the
+pipeline, measures again, and writes checkpoint + report + replayable pipeline into a temporary
+directory that becomes the output only when complete.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from .errors import SlimformerError
 from .graph import CheckpointGraph, load_graph
-from .pipeline import PassContext, PipelineSpec, build_passes, run_pipeline
+from .pipeline import DEFAULT_CALIBRATION, PassContext, PipelineSpec, build_passes, run_pipeline
 from .report import versions, write_report
 from .source import resolve_source
 
@@ -60,6 +62,50 @@ def _logger(quiet: bool):
     return log
 
 
+def _warn(message: str) -> None:
+    """Warnings reach stderr even with -q: they change what the result means."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+DEFAULT_CALIBRATION_NOTE = ("no --calib given: calibrating on {sources} (Python standard-library source code); "
+                            "for a model of other text pass --calib with text like its own")
+
+
+def check_before_work(graph: CheckpointGraph, passes: list, ctx: PassContext, spec: PipelineSpec) -> None:
+    """Everything that can fail without loading weights or running a pass, in the order a user fixes it:
+    text sources, evaluation settings, every pass against the graph it will see (a dry run of the
+    pipeline), and the calibration windows the passes will draw."""
+    from .calibration import check_source
+    from .pipeline import dry_run
+
+    needs_calibration = any(p.needs_calibration() for p in passes)
+    if needs_calibration:
+        for source in spec.calibration.sources:
+            check_source(source, flag="--calib")
+    if spec.evaluation.ppl:
+        check_source(spec.evaluation.ppl, flag="--eval-ppl")
+        if graph.is_encoder:
+            raise SlimformerError("perplexity needs a causal language model; this checkpoint is an encoder",
+                                  fix="drop --eval-ppl")
+        if ctx.tokenizer is None:
+            raise SlimformerError("the checkpoint has no tokenizer, so perplexity cannot be measured",
+                                  fix="add tokenizer files or drop --eval-ppl")
+        window, positions = spec.evaluation.window, graph.base_config.get("max_position_embeddings")
+        if not isinstance(window, int) or window < 2:
+            raise SlimformerError(f"the evaluation window must be at least 2 tokens (got {window!r})",
+                                  fix="e.g. --window 256 (pipeline: [evaluation] window)")
+        if positions and window > positions:
+            raise SlimformerError(f"the evaluation window {window} is longer than the model's {positions} positions",
+                                  fix=f"use --window {positions} or less")
+        if not isinstance(spec.evaluation.max_tokens, int) or spec.evaluation.max_tokens < 2:
+            raise SlimformerError(f"the evaluation needs at least 2 tokens (max_tokens {spec.evaluation.max_tokens!r})",
+                                  fix="e.g. --max-tokens 16384 (pipeline: [evaluation] max_tokens)")
+    dry_run(graph, passes, ctx)
+    if needs_calibration:
+        for source in spec.calibration.sources:  # drawn now (and kept): too little text fails here, not later
+            ctx.calibration_windows(source)
+
+
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     """The checkpoint's tokenizer, or ``None`` when it ships none."""
     from transformers import AutoTokenizer
@@ -79,19 +125,27 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpe
 
     options = options or ConvertOptions()
     log = _logger(options.quiet)
-    check_output_location(out, overwrite=options.overwrite)
+    out = check_output_location(out, overwrite=options.overwrite)
     device = check_device(options.device)
     dtype = parse_dtype(options.dtype)
     save_dtype = parse_dtype(options.save_dtype) if options.save_dtype else None
     passes = build_passes(spec)  # validates pass names and options before any heavy work
+    # What runs is what pipeline.toml records: absolute data paths and their hashes (a replay names changed data).
+    spec = spec.record_data(_warn)
 
     started = time.perf_counter()
     src = resolve_source(source, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
     graph = load_graph(src)
-    log(f"[slimformer] loaded {src.spec}: {graph.family}, {len(graph.blocks)} layers, {graph.num_params():,} parameters")
     tokenizer = load_tokenizer(src.path, trust_remote_code=options.trust_remote_code)
     ctx = PassContext(tokenizer, spec.calibration, spec.evaluation, device=device, dtype=dtype,
                       progress=not options.quiet, log=log)
+    check_before_work(graph, passes, ctx, spec)  # so that a bad input is the only line a failed run prints
+    log(f"[slimformer] loaded {src.spec}: {graph.family}, {len(graph.blocks)} layers, {graph.num_params():,} parameters")
+    notes = []
+    if any(p.needs_calibration() for p in passes) and not spec.calibration_given \
+            and spec.calibration.sources == DEFAULT_CALIBRATION:
+        notes.append(DEFAULT_CALIBRATION_NOTE.format(sources=", ".join(spec.calibration.sources)))
+        _warn(notes[-1])
 
     params_before, kv_before = graph.num_params(), graph.kv_bytes_per_token()
     evaluation = _measure(graph, ctx, "before", log) if spec.evaluation.ppl else None
@@ -106,6 +160,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpe
     report = {
         "format": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "output": str(out),
+        "notes": notes,
         "source": {"spec": src.spec, "path": str(src.path), "family": graph.family, "hub": src.is_hub,
                    "num_layers": len(graph.blocks), "weight_format": src.weight_format},
         "versions": versions(),
@@ -135,10 +191,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpe
 
 
 def _measure(graph: CheckpointGraph, ctx: PassContext, when: str, log) -> dict[str, Any]:
-    if graph.is_encoder:
-        raise SlimformerError("perplexity needs a causal language model; this checkpoint is an encoder", fix="drop --eval-ppl")
-    if ctx.tokenizer is None:
-        raise SlimformerError("the checkpoint has no tokenizer, so perplexity cannot be measured", fix="add tokenizer files or drop --eval-ppl")
+    # check_before_work made sure the model is a decoder with a tokenizer.
     log(f"[slimformer] perplexity {when} on {ctx.evaluation.ppl} ...")
     value = ctx.perplexity(graph)
     log(f"[slimformer] perplexity {when}: {value:.3f}")

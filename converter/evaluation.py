@@ -257,8 +257,69 @@ def _token_logprob_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(_token_logprobs(logits, targets).sum())
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=not enabled, leave=False)
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    return progress_bar(total, desc, enabled)
+
+
+# Seconds between two plain progress lines: often enough to show life in a log, rarely enough to read it.
+PROGRESS_INTERVAL_S = 10.0
+
+
+class LineProgress:
+    """tqdm's interface as plain lines, for a stderr that is not a terminal (a log file, a CI pipe): there
+    ``\\r`` bars turn into one unreadable line. Writes ``[slimformer] DESC: N/TOTAL UNIT (P%), Ts`` at most
+    every :data:`PROGRESS_INTERVAL_S` seconds, and a last line at the end if it wrote any, so a step
+    shorter than the interval stays silent and a long one is never silent for longer than it."""
+
+    def __init__(self, total: int, desc: str, unit: str, interval: float = PROGRESS_INTERVAL_S) -> None:
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.n, self.postfix, self.lines, self.written = 0, "", 0, -1
+        self.started = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self.last >= self.interval:
+            self._write()
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfix = text
+
+    def _write(self) -> None:
+        self.last = time.perf_counter()
+        share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"[slimformer] {self.desc}: {self.n}/{self.total} {self.unit}{share}, "
+              f"{self.last - self.started:.0f}s{extra}", file=sys.stderr, flush=True)
+        self.lines, self.written = self.lines + 1, self.n
+
+    def close(self) -> None:
+        if self.lines and self.n != self.written:  # the last state, unless the last line already showed it
+            self._write()
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _NoProgress(LineProgress):
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool, *, unit: str = "batch") -> Any:
+    """Progress of a long step on stderr: a tqdm bar on a terminal, :class:`LineProgress` lines otherwise,
+    nothing when ``enabled`` is false (``-q``). Supports ``update``, ``set_postfix_str``, ``close`` and
+    ``with``."""
+    if not enabled:
+        return _NoProgress(total, desc, unit)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+    return LineProgress(total, desc, unit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,8 +501,8 @@ def perplexity(
 
 
 def _cache_tokens(cache: Any) -> int | None:
-    """Tokens the cache physically holds in its fullest slot (an evicting cache says; a plain one keeps all)."""
-    lengths = getattr(cache, "physical_lengths", None)
+    """Tokens the cache holds in its fullest slot (an evicting cache says; a plain one keeps all)."""
+    lengths = getattr(cache, "kept_lengths", None)
     if callable(lengths):
         return max(lengths(), default=0)
     seq_length = getattr(cache, "get_seq_length", None)
@@ -454,13 +515,16 @@ def _decoded_logprobs(
     continuation: torch.Tensor,
     cache_factory: CacheFactory | None,
     chunk: int,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, Any]:
     """``log p`` of each continuation token ``[B, C]`` (float64) when ``prompt [B, P]`` is prefilled in one
     forward and ``continuation [B, C]`` is fed ``chunk`` tokens per forward through the same cache.
 
     Returns the cache too, so callers can see what it holds. Rows are independent: tokens a row feeds
-    after its own last scored token (right padding) cannot change that row's scores.
+    after its own last scored token (right padding) cannot change that row's scores. ``on_tokens(n)`` is
+    told after each forward how many continuation tokens it scored (progress: decoding is the long part).
     """
+    on_tokens = on_tokens or (lambda n: None)
     batch, prompt_len = prompt.shape
     n_cont = continuation.shape[1]
     cache_kwargs = {} if cache_factory is None else {"past_key_values": cache_factory()}
@@ -475,6 +539,7 @@ def _decoded_logprobs(
             fix="measure a model that supports a KV cache",
         )
     pieces = [_token_logprobs(out.logits[:, -1:], continuation[:, :1])]
+    on_tokens(1)
     fed = prompt_len
     # The last continuation token is only ever predicted, never fed.
     for start in range(0, n_cont - 1, chunk):
@@ -487,6 +552,7 @@ def _decoded_logprobs(
         )
         fed += stop - start
         pieces.append(_token_logprobs(out.logits, continuation[:, start + 1 : stop + 1]))
+        on_tokens(stop - start)
     return torch.cat(pieces, dim=1), cache
 
 
@@ -567,15 +633,16 @@ def eviction_perplexity_of_tokens(
     batches = [
         torch.stack(windows[i : i + batch_size]).to(device) for i in range(0, len(windows), batch_size)
     ]
-    with _evaluating(model), _progress(len(batches), "eviction perplexity", progress) as bar:
+    # Counted in decoded tokens (per batch of windows), not batches: one batch can take a minute.
+    bar = progress_bar(len(batches) * continuation, "eviction perplexity", progress, unit="decoded token")
+    with _evaluating(model), bar:
         for batch in batches:
             prompt, cont = batch[:, :prompt_len], batch[:, prompt_len:]
-            logprobs, cache = _decoded_logprobs(model, prompt, cont, cache_factory, chunk)
+            logprobs, cache = _decoded_logprobs(model, prompt, cont, cache_factory, chunk, on_tokens=bar.update)
             nll_sum -= float(logprobs.sum())
             if full_cache:
                 full_nll_sum -= float(_full_cache_logprobs(model, prompt, cont).sum())
             cache_tokens = _cache_tokens(cache)
-            bar.update(1)
 
     n_tokens = len(windows) * continuation
     nll = nll_sum / n_tokens

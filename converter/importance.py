@@ -50,7 +50,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import SlimformerError
 from .graph import CheckpointGraph, _materialise_buffers
@@ -213,8 +212,11 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    # A bar on a terminal, plain lines in a log (see converter.evaluation.progress_bar).
+    from .evaluation import progress_bar
+
+    return progress_bar(total, desc, enabled, unit="window" if desc == "scoring" else "layer")
 
 
 def _runtime_layers(model: nn.Module) -> nn.ModuleList:

@@ -22,22 +22,32 @@ A pipeline spec is a TOML or YAML file::
     drop = "attn:2"
 
 Every conversion writes the spec it ran as ``pipeline.toml`` into the output, so
-``slimformer convert SRC -o OUT2 --pipeline OUT/pipeline.toml`` replays it exactly.
+``slimformer convert SRC -o OUT2 --pipeline OUT/pipeline.toml`` replays it exactly, from any directory:
+local text sources are written as absolute paths, and a ``[data]`` table records the SHA-256 of each, so
+that a replay on changed data says so. Relative paths in a hand-written pipeline file are read relative
+to the file's own directory (then, for compatibility, the current directory).
+
+Before any work, :func:`dry_run` checks every pass against the graph as it will be when that pass runs
+(``Pass.check``): a pass validates its options against the layers, budgets and family it will see, then
+applies its structural effect to a copy of the graph, so ``--drop attn:2 --sas layers=4`` on a 5-layer
+model fails in a second instead of after the layer-drop pass.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
+import re
 import time
+import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import tomllib
 import torch
 
 from .errors import SlimformerError
@@ -86,11 +96,19 @@ class PassSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_CALIBRATION = CalibrationSpec().sources
+
+
 @dataclass
 class PipelineSpec:
     passes: list[PassSpec] = field(default_factory=list)
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    # SHA-256 of each local text source (absolute path -> "sha256:..."), as recorded when the spec ran.
+    data: dict[str, str] = field(default_factory=dict)
+    # Whether someone chose the calibration sources (a flag or a file), or they are the default; the default
+    # (Python source) is said out loud, because it is a poor choice for a prose model.
+    calibration_given: bool = field(default=False, compare=False)
 
     @classmethod
     def from_file(cls, path: str | Path) -> PipelineSpec:
@@ -107,42 +125,92 @@ class PipelineSpec:
                 data = tomllib.loads(text)
         except Exception as exc:  # tomllib/yaml parse errors carry line numbers in their message
             raise SlimformerError(f"cannot parse pipeline file: {exc}", where=str(path), fix="fix the syntax") from exc
-        return cls.from_dict(data, where=str(path))
+        if not isinstance(data, dict):
+            raise SlimformerError("pipeline file does not hold a table of sections", where=str(path),
+                                  fix="write [calibration], [evaluation] and [[passes]] sections")
+        spec = cls.from_dict(data, where=str(path))
+        # A replay must not depend on the directory it runs from: relative data paths mean "beside this file".
+        spec.calibration.sources = [_relative_to(source, path.parent) for source in spec.calibration.sources]
+        if spec.evaluation.ppl:
+            spec.evaluation.ppl = _relative_to(spec.evaluation.ppl, path.parent)
+        return spec
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "pipeline") -> PipelineSpec:
-        unknown = set(data) - {"passes", "calibration", "evaluation"}
+        unknown = set(data) - {"passes", "calibration", "evaluation", "data"}
         if unknown:
             raise SlimformerError(f"unknown pipeline section(s) {sorted(unknown)}", where=where,
-                                  fix="use [calibration], [evaluation] and [[passes]]")
+                                  fix="use [calibration], [evaluation], [[passes]] (and [data], written by slimformer)")
         passes = []
         for entry in data.get("passes", []):
             if not isinstance(entry, dict) or "name" not in entry:
                 raise SlimformerError("each [[passes]] entry needs a 'name'", where=where, fix="add name = \"layer_drop\" (or another pass)")
             params = {k: v for k, v in entry.items() if k != "name"}
             passes.append(PassSpec(entry["name"], params))
+        hashes = data.get("data", {})
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise SlimformerError("[data] must map data paths to \"sha256:...\" strings", where=where,
+                                  fix="remove the [data] section (the next conversion writes it again)")
+        calibration = data.get("calibration", {})
         return cls(
             passes=passes,
-            calibration=_dataclass_from(CalibrationSpec, data.get("calibration", {}), f"{where} [calibration]"),
+            calibration=_dataclass_from(CalibrationSpec, calibration, f"{where} [calibration]"),
             evaluation=_dataclass_from(EvaluationSpec, data.get("evaluation", {}), f"{where} [evaluation]"),
+            data=dict(hashes),
+            calibration_given=isinstance(calibration, dict) and "sources" in calibration,
         )
 
     def to_dict(self) -> dict[str, Any]:
         evaluation = {k: v for k, v in dataclasses.asdict(self.evaluation).items() if v is not None}
-        return {
+        data = {
             "calibration": dataclasses.asdict(self.calibration),
             "evaluation": evaluation,
             "passes": [{"name": p.name, **p.params} for p in self.passes],
         }
+        if self.data:
+            data["data"] = dict(self.data)
+        return data
 
     def to_toml(self) -> str:
         data = self.to_dict()
-        lines = ["# slimformer pipeline: replay with `slimformer convert SOURCE -o OUT --pipeline pipeline.toml`"]
+        lines = ["# slimformer pipeline: replay with `slimformer convert SOURCE -o OUT --pipeline pipeline.toml`",
+                 "# (from any directory: local data paths are absolute, and [data] holds their content hashes)"]
         for section in ("calibration", "evaluation"):
             lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
         for entry in data["passes"]:
             lines += ["", "[[passes]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
+        if data.get("data"):
+            lines += ["", "# SHA-256 of each local text source when this pipeline ran; a replay warns if one changed",
+                      "[data]"] + [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in data["data"].items()]
         return "\n".join(lines) + "\n"
+
+    def record_data(self, warn: Callable[[str], None]) -> PipelineSpec:
+        """This spec with local text sources as absolute paths and their content hashes in ``data``.
+
+        A hash recorded earlier (a replayed ``pipeline.toml``) that no longer matches is reported through
+        ``warn``, naming the file: the replay then cannot reproduce the recorded result.
+        """
+        from .calibration import local_source_path, source_digest
+
+        def absolute(source: str) -> str:
+            path = local_source_path(source)
+            return str(path.absolute()) if path is not None else source
+
+        spec = copy.deepcopy(self)
+        spec.calibration.sources = [absolute(source) for source in spec.calibration.sources]
+        if spec.evaluation.ppl:
+            spec.evaluation.ppl = absolute(spec.evaluation.ppl)
+        recorded, spec.data = spec.data, {}
+        for source in dict.fromkeys([*spec.calibration.sources, spec.evaluation.ppl]):
+            path = local_source_path(source) if source else None
+            if path is None or not path.exists():
+                continue  # not a local file (stdlib, hf:), or missing: the source check says so
+            digest = source_digest(path)
+            spec.data[source] = digest
+            if source in recorded and recorded[source] != digest:
+                warn(f"data file {source} changed since the pipeline was written ({recorded[source][:19]}... then, "
+                     f"{digest[:19]}... now): the replay will not reproduce the recorded result")
+        return spec
 
 
 def _dataclass_from(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -153,6 +221,16 @@ def _dataclass_from(cls: type, values: dict[str, Any], where: str) -> Any:
     if isinstance(values.get("sources"), str):
         values = {**values, "sources": [values["sources"]]}
     return cls(**values)
+
+
+def _relative_to(source: str, directory: Path) -> str:
+    """``source`` read relative to ``directory`` when it is a relative local path that exists there."""
+    from .calibration import local_source_path
+
+    path = local_source_path(source)
+    if path is None or path.is_absolute() or not (directory / path).exists():
+        return source
+    return str((directory / path).absolute())
 
 
 def _toml_value(value: Any) -> str:
@@ -182,22 +260,88 @@ class Pass(ABC):
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Pass:
         names = {f.name for f in dataclasses.fields(cls.config_class)}
-        normalised = {k.replace("-", "_"): v for k, v in params.items()}
+        normalised = {canonical_key(k): v for k, v in params.items()}
         unknown = set(normalised) - names
         if unknown:
-            raise SlimformerError(f"unknown option(s) {sorted(unknown)} for pass {cls.name!r}", fix=f"allowed: {sorted(names)}")
+            raise SlimformerError(f"unknown option(s) {sorted(unknown)} for pass {cls.name!r}",
+                                  fix=f"{cls.name} options are {', '.join(sorted(names))} "
+                                      "(meanings and defaults: `slimformer convert --help`)")
         try:
             config = cls.config_class(**normalised)
         except (TypeError, ValueError) as exc:
-            raise SlimformerError(f"bad options for pass {cls.name!r}: {exc}", fix="see `slimformer convert --help`") from exc
+            raise SlimformerError(f"bad options for pass {cls.name!r}: {exc}", fix=cls._fix_for(str(exc))) from exc
         return cls(config)
+
+    @classmethod
+    def _fix_for(cls, message: str) -> str:
+        """The meaning and default of the option an error message names, so the fix needs no second look-up."""
+        for key, default, meaning in option_rows(cls.config_class):
+            if re.search(rf"\b{key}\b", message):
+                return f"{key} is {meaning} (default {default}); every {cls.name} option: `slimformer convert --help`"
+        return f"every {cls.name} option, with its default: `slimformer convert --help`"
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
 
+    def needs_calibration(self) -> bool:
+        """Whether ``run`` reads calibration windows; they are then drawn (and so checked) before any work."""
+        return False
+
+    def check(self, dry: DryRun) -> None:
+        """Validate the options against the graph as it will be when this pass runs (``dry.graph``), then
+        apply the pass's structural effect to ``dry.graph`` so later passes are checked against what it
+        leaves. Reads no tensor: this runs before any work. The default checks nothing and changes nothing."""
+        return None
+
     @abstractmethod
     def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
         """Rewrite ``graph`` in place; return a JSON-able summary of what changed (goes into the report)."""
+
+
+def canonical_key(key: str) -> str:
+    """Option keys have one spelling, the config field's: ``heal-steps`` is read as ``heal_steps``."""
+    return str(key).strip().replace("-", "_")
+
+
+def option_rows(config_class: type) -> list[tuple[str, str, str]]:
+    """``(key, default, meaning)`` for every option of a pass config, read from the dataclass itself (its
+    fields' ``metadata["help"]``, or the class's ``OPTION_HELP`` for inherited fields), so ``--help`` and
+    error messages cannot drift from what the pass accepts."""
+    notes = getattr(config_class, "OPTION_HELP", {})  # name -> meaning, or (default text, meaning)
+    rows = []
+    for f in dataclasses.fields(config_class):
+        note = notes.get(f.name)
+        default_text, meaning = note if isinstance(note, tuple) else (f.metadata.get("default_text"), note)
+        meaning = f.metadata.get("help") or meaning
+        if not meaning:
+            raise TypeError(f"{config_class.__name__}.{f.name} has no help text")  # a bug; tests catch it
+        if default_text is not None:
+            default = default_text
+        else:
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        rows.append((f.name, default, meaning))
+    return rows
+
+
+@dataclass
+class DryRun:
+    """The pipeline's structure as each pass will find it, for :meth:`Pass.check` (no tensor is read).
+
+    ``graph`` is a structural copy of the checkpoint graph that each check updates. Where what a pass does
+    depends on scores (which modules a quality target drops, how a joint drop splits between attention and
+    MLP) the check assumes the outcome that leaves later passes the most room and names the sub-block kind
+    in ``uncertain``: checks refuse only what must fail, the passes' own checks at run time do the rest.
+    """
+
+    graph: CheckpointGraph
+    ctx: PassContext
+    uncertain: set[str] = field(default_factory=set)
+    history: list[str] = field(default_factory=list)  # "layer_drop drops 2 attention sub-block(s)", ...
+
+    def after(self) -> str:
+        """`` (after layer_drop drops 2 attention sub-block(s))`` once an earlier pass changed the structure."""
+        return f" (after {'; '.join(self.history)})" if self.history else ""
 
 
 @dataclass
@@ -237,6 +381,27 @@ class PassContext:
             raise SlimformerError("this pass needs an evaluation source", fix="pass --eval-ppl SPEC")
         e = self.evaluation
         return perplexity(model, self.tokenizer, spec, window=e.window, max_tokens=e.max_tokens, progress=self.progress).perplexity
+
+
+def structural_copy(graph: CheckpointGraph) -> CheckpointGraph:
+    """A copy of ``graph`` whose node states, details and cache policy can change without touching the
+    original; the tensors are the same lazy references, never loaded."""
+
+    def node(n: Any) -> Any:
+        return dataclasses.replace(n, tensors=dict(n.tensors), details=copy.deepcopy(n.details))
+
+    blocks = [dataclasses.replace(b, attention=node(b.attention), mlp=node(b.mlp), cache_policy=copy.deepcopy(b.cache_policy))
+              for b in graph.blocks]
+    return dataclasses.replace(graph, embeddings=node(graph.embeddings), blocks=blocks, final_norm=node(graph.final_norm),
+                               head=node(graph.head), kv_cache=copy.deepcopy(graph.kv_cache))
+
+
+def dry_run(graph: CheckpointGraph, passes: list[Pass], ctx: PassContext) -> DryRun:
+    """Check every pass, in order, against the graph it will see; raises the first problem found."""
+    dry = DryRun(structural_copy(graph), ctx)
+    for p in passes:
+        p.check(dry)
+    return dry
 
 
 def build_passes(spec: PipelineSpec) -> list[Pass]:

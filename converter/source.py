@@ -67,6 +67,10 @@ def resolve_source(
     text = str(spec)
     path = Path(text).expanduser()
     is_hub = False
+    if not path.exists() and "@" in text and revision is None:
+        # org/model@REVISION pins a branch, tag or commit (as pip's VCS URLs do), in CLI and pipeline files alike.
+        text, _, revision = text.rpartition("@")
+        path = Path(text).expanduser()
     if not path.exists():
         if _looks_like_path(text) or not HUB_ID.match(text):
             bare_name = "/" not in text and "\\" not in text
@@ -105,7 +109,12 @@ def _looks_like_path(text: str) -> bool:
 
 def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
     if allow_pickle:
@@ -118,9 +127,14 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
             f"Hub model {repo_id!r} is not in the local cache and the Hub cannot be reached (offline)",
             fix="connect to the network, or download it once and pass its local directory",
         ) from exc
-    except RepositoryNotFoundError as exc:
+    except RevisionNotFoundError as exc:
         raise SlimformerError(
-            f"Hub model {repo_id!r} does not exist or is private", fix="check the id, or log in with `hf auth login`"
+            f"Hub model {repo_id!r} has no revision {revision!r}", fix="check the branch, tag or commit after '@'"
+        ) from exc
+    except RepositoryNotFoundError as exc:  # also gated models without access (GatedRepoError)
+        raise SlimformerError(
+            f"Hub model {repo_id!r} does not exist, is private, or is gated",
+            fix="check the id; for private or gated models log in with `hf auth login` or set HF_TOKEN",
         ) from exc
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise SlimformerError(
@@ -190,6 +204,14 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str, dict
                 fix="convert them to safetensors, or pass --allow-pickle if you trust the file",
             )
         return pickled, "pickle", {}
+    if (path / "model.onnx").is_file():
+        # `slimformer export onnx` output: the weights are in the ONNX graph, which only the ONNX runtime reads.
+        raise SlimformerError(
+            "this directory is an ONNX export (model.onnx), not a PyTorch checkpoint",
+            where=str(path),
+            fix=f"generate with `slimformer generate {path} --runtime onnx ...`; convert, eval and export "
+                "need the converted checkpoint it was exported from",
+        )
     raise SlimformerError(
         "checkpoint has a config but no weights (*.safetensors, model.safetensors.index.json)",
         where=str(path),

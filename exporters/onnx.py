@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from converter.errors import SlimformerError
+from converter.runtime.masks import grouped_probabilities
 
 from . import onnx_cache_op
 from .onnx_runtime import (
@@ -166,7 +167,6 @@ class TracedCache:
     ) -> None:
         slot_class = EvictingTracedSlot if evicting else TracedSlot
         self.layers = [slot_class(parts) for parts in past]
-        self.kv_heads, self.groups = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
         self.alpha, self.limits = alpha, limits
         self.new_valid: dict[int, torch.Tensor] = {}
         if evicting:
@@ -187,28 +187,12 @@ class TracedCache:
 
     def _observe(self, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> None:
         layer = self.layers[slot]
-        probs = self._probabilities(query, layer.keys, bias, scaling)
+        # The runtime's own helper (converter/runtime/masks.py), ungrouped to the op's [B, H, q, P].
+        batch, heads, q_len, _ = query.shape
+        probs = grouped_probabilities(query, layer.keys, bias, scaling).reshape(batch, heads, q_len, layer.keys.shape[2])
         layer.keys, layer.values, layer.scores = onnx_cache_op.A2SFCacheUpdate.apply(
             layer.keys, layer.values, layer.scores, probs, self.new_valid[slot], self.alpha, self.limits[slot]
         )
-
-    def _probabilities(
-        self, query: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, scaling: float
-    ) -> torch.Tensor:
-        """``softmax(q k^T * scaling + bias)`` in float32, ``[B, H, q, P]`` (as ``EvictingLayer._accumulate``)."""
-        batch, heads, q_len, dim = query.shape
-        grouped = query.float().reshape(batch, self.kv_heads, self.groups, q_len, dim)
-        logits = grouped @ keys.float()[:, :, None].transpose(-1, -2) * scaling  # [B, H_kv, G, q, P]
-        if bias is None:  # plain causal attention: query row t sees the slots up to P - q + t
-            phys = keys.shape[2]
-            rows = torch.arange(q_len)[:, None] + (phys - q_len)
-            logits = logits.masked_fill(torch.arange(phys)[None, :] > rows, float("-inf"))
-        else:
-            # [B, 1 | H_kv | H, q, P] -> [B, 1 | H_kv, 1 | G, q, P]
-            bias_heads = bias.shape[1]
-            outer = bias_heads // self.groups if bias_heads == heads else bias_heads
-            logits = logits + bias.float().reshape(bias.shape[0], outer, -1, bias.shape[2], bias.shape[3])
-        return logits.softmax(dim=-1).reshape(batch, heads, q_len, keys.shape[2])
 
 
 # ---- export -----------------------------------------------------------------------------------------
@@ -253,6 +237,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, options: OnnxExportOptions | 
     except ValueError as exc:
         raise SlimformerError(f"the checkpoint's kv_cache config is invalid: {exc}", where=str(source.path / "config.json"),
                               fix="re-run the conversion, or fix kv_cache in config.json") from exc
+    onnx_cache_op.check_policy(policy, str(source.path / "config.json"))
     evicting = (policy is not None and policy.evicts) if options.cache_op is None else options.cache_op
     slots = config.cache_layer_indices
     if evicting and not slots:

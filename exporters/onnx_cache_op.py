@@ -70,6 +70,21 @@ LIMIT_FIELDS = ("budget", "sink", "recent", "score_window")
 
 # "Never evict": a budget no sequence reaches (int64 math inside the body stays far from overflow).
 NO_BUDGET = 2**40
+# The policies this op computes (A = alpha * A + S, sink + recent + top-k); kv_policies.py has more.
+SUPPORTED_POLICIES = ("a2sf", "h2o", "streaming", "none")
+
+
+def check_policy(policy: Any, where: str | None = None) -> None:
+    """The one place the ONNX path refuses a cache policy its op does not compute."""
+    from converter.errors import SlimformerError
+
+    if policy is not None and policy.policy not in SUPPORTED_POLICIES:
+        raise SlimformerError(
+            f"the ONNX cache op computes {', '.join(SUPPORTED_POLICIES[:3])}; policy {policy.policy!r} runs only "
+            "in the PyTorch runtime",
+            where=where,
+            fix="use --a2sf policy=a2sf|h2o|streaming for ONNX, or `slimformer generate CKPT` (PyTorch) for this policy",
+        )
 
 
 # ---- torch reference (and tracing stand-in) ---------------------------------------------------------

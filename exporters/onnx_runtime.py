@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ import numpy as np
 
 from converter.errors import SlimformerError
 
-from .onnx_cache_op import NO_BUDGET
+from .native import register_cache_kernel
+from .onnx_cache_op import NO_BUDGET, check_policy
 
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "slimformer_onnx.json"
@@ -125,6 +127,13 @@ class OnnxCausalLM:
     ``kv_cache`` overrides the exported cache policy (a ``CachePolicy`` dict); an evicting policy needs a
     graph exported with the cache op. ``io_binding`` (default: on for CUDA) keeps cache tensors on the
     device between steps instead of copying them to the host and back.
+
+    ``cache_kernel`` chooses what runs the graph's ``A2SFCacheUpdate`` nodes: ``native`` registers the
+    compiled kernel library of the provider (``make kernels``, ``exporters/native``) and fails when it
+    cannot be used; ``function`` inlines the op's ONNX function body; ``auto`` (default) is native when
+    usable, else the function body with one line on stderr saying why. The choice made is in
+    ``cache_kernel_impl`` (``"native"``, ``"function"``, or ``None`` for a graph without the op) and
+    ``cache_kernel_library`` (the registered library's path).
     """
 
     def __init__(
@@ -135,6 +144,7 @@ class OnnxCausalLM:
         kv_cache: dict[str, Any] | None = None,
         io_binding: bool | None = None,
         threads: int | None = None,
+        cache_kernel: str = "auto",
     ) -> None:
         import onnxruntime as ort
 
@@ -150,6 +160,9 @@ class OnnxCausalLM:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        self.cache_kernel_impl, self.cache_kernel_library = register_cache_kernel(
+            options, self.device, cache_kernel, has_op=self.evicting, where=str(self.directory)
+        )
         model_path = str(self.directory / self.metadata["model_file"])
         if self.device == "cuda":
             # CPU stays registered as the fallback for any node the CUDA provider has no kernel for.
@@ -160,6 +173,15 @@ class OnnxCausalLM:
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.dtype = NUMPY_DTYPES[self.metadata["dtype"]]
+
+    @property
+    def cache_kernel_description(self) -> str:
+        """What runs the cache op, in words (``slimformer generate --cache-kernel`` prints it)."""
+        if self.cache_kernel_impl is None:
+            return "no A2SF cache op in this graph"
+        if self.cache_kernel_impl == "function":
+            return "A2SF cache op: ONNX function body"
+        return f"A2SF cache op: native {self.device.upper()} kernel ({self.cache_kernel_library})"
 
     # ---- policy -------------------------------------------------------------------------------------
 
@@ -177,6 +199,7 @@ class OnnxCausalLM:
             policy.validate(self.num_slots)
         except ValueError as exc:
             raise SlimformerError(f"bad kv-cache policy: {exc}", where=str(self.directory)) from exc
+        check_policy(policy, str(self.directory))
         if policy.evicts and not self.evicting:
             raise SlimformerError(
                 f"this ONNX export has no cache op, so it cannot run the evicting policy {policy.policy!r}",
@@ -322,6 +345,15 @@ class OnnxCausalLM:
         return GenerationResult(sequences, kept_logits, state)
 
 
+def _default_top_k() -> int | None:
+    """The top-k that ``generate(do_sample=True)`` applies when nobody set one: transformers 4.57 keeps it on
+    ``GenerationConfig()``, transformers 5 in ``_get_default_generation_params()`` (both 50)."""
+    from transformers import GenerationConfig
+
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return defaults().get("top_k") if defaults is not None else GenerationConfig().top_k
+
+
 class _TokenChooser:
     """Greedy argmax, or transformers' sampling warpers + ``torch.multinomial`` with a seeded generator."""
 
@@ -330,7 +362,6 @@ class _TokenChooser:
         if not sample:
             return
         import torch
-        from transformers import GenerationConfig
         from transformers.generation.logits_process import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -343,7 +374,7 @@ class _TokenChooser:
         if not 0 < top_p <= 1:
             raise SlimformerError(f"top_p {top_p} must lie in (0, 1]")
         # The same defaults and order as GenerationMixin._get_logits_processor for do_sample=True.
-        top_k = GenerationConfig().top_k if top_k is None else top_k
+        top_k = _default_top_k() if top_k is None else top_k
         self.warpers = LogitsProcessorList()
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
@@ -397,12 +428,17 @@ def generate_text(
     seed: int = 0,
     a2sf: dict[str, Any] | None = None,
     device: str = "auto",
+    cache_kernel: str = "auto",
+    report: Callable[[str], None] | None = None,
 ) -> str:
     """The text ``slimformer generate DIR --runtime onnx`` prints: same tokenisation, stopping and decoding
-    as the PyTorch runtime's command."""
+    as the PyTorch runtime's command. ``report``, when given, receives one line saying what runs the cache
+    op (``OnnxCausalLM.cache_kernel_description``)."""
     from converter.conversion import load_tokenizer
 
-    lm = OnnxCausalLM(ckpt, provider=device, kv_cache=a2sf)
+    lm = OnnxCausalLM(ckpt, provider=device, kv_cache=a2sf, cache_kernel=cache_kernel)
+    if report is not None:
+        report(lm.cache_kernel_description)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise SlimformerError("the ONNX export has no tokenizer files", where=str(ckpt), fix="export the checkpoint again")

@@ -29,14 +29,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from converter.errors import SlimformerError
 from converter.graph import Block, CheckpointGraph
-from converter.pipeline import Pass, PassContext, register
-from converter.runtime.kv_cache import DEFAULT_RECENT_RATIO, CachePolicy
+from converter.pipeline import DryRun, Pass, PassContext, register
+from converter.runtime.kv_cache import (
+    DEFAULT_ALPHA,
+    DEFAULT_RECENT_RATIO,
+    DEFAULT_STREAMING_SINK,
+    POLICIES,
+    CachePolicy,
+)
 
 EXAMPLE = "e.g. --a2sf budget=256,alpha=0.5,recent=32,sink=4 (or policy=h2o|streaming, budget_ratio=0.2)"
 # Besides K and V, an evicting slot keeps per token and KV head a float32 score, a bool validity flag and an
@@ -58,7 +64,27 @@ class A2SFConfig(CachePolicy):
     Values arrive typed from a pipeline file, or as the CLI's loosely coerced scalars (``64:64:32`` stays a
     string, ``alpha=1`` becomes an int). Both are normalised by round-tripping through
     :meth:`CachePolicy.parse`, so parsing, type checks and validation have one home and one wording.
+
+    ``OPTION_HELP`` describes each inherited field for ``slimformer convert --help``; a test checks that every
+    field of CachePolicy has an entry, so a new cache option cannot go undocumented.
     """
+
+    OPTION_HELP: ClassVar[dict[str, str | tuple[str, str]]] = {
+        "policy": f"eviction rule: {', '.join(POLICIES)} (h2o = a2sf with alpha 1; streaming = sinks + recent; "
+                  "none = the plain growing cache)",
+        "budget": ("unset", "tokens kept per (sequence, KV head) in every cache slot; give one of budget, "
+                            "budget_ratio or layer_budgets"),
+        "budget_ratio": ("unset", "the budget as a fraction of the prompt, resolved at prefill, e.g. 0.2"),
+        "layer_budgets": ("unset", "one budget per layer that keeps attention, joined by ':' (64:64:32)"),
+        "alpha": (f"{DEFAULT_ALPHA} for a2sf", "forgetting factor in (0, 1]: scores decay by alpha per step "
+                                               "(1 = H2O, towards 0 = recency)"),
+        "recent": ("unset", "protected most recent tokens (or recent_ratio)"),
+        "recent_ratio": (f"{DEFAULT_RECENT_RATIO}", "protected recent window as a fraction of the budget"),
+        "sink": (f"0; {DEFAULT_STREAMING_SINK} for streaming", "first tokens that are never evicted"),
+        "score_window": ("unset: every query row", "score a multi-token step from its last W query rows only"),
+        "window": ("32 for snapkv", "snapkv: the prompt's last query rows that vote"),
+        "chunk_size": "query rows scored at a time, so a prompt's L x L probabilities never exist at once",
+    }
 
     def __post_init__(self) -> None:
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(CachePolicy)}
@@ -87,6 +113,29 @@ def _checked(build: Callable[[], T]) -> T:
 class A2SFPass(Pass):
     name = "a2sf"
     config_class = A2SFConfig
+
+    def check(self, dry: DryRun) -> None:
+        """A decoder, a cache slot left, per-layer budgets matching the slots; then store the policy."""
+        graph = dry.graph
+        if graph.is_encoder:
+            raise SlimformerError(
+                "a2sf configures the KV cache of text generation; this checkpoint is an encoder (no KV cache)",
+                fix="drop --a2sf",
+            )
+        slots = [block for block in graph.blocks if block.attention.kept]
+        if not slots:
+            raise SlimformerError(
+                f"no layer keeps attention{dry.after()}, so there is no KV cache to evict from",
+                fix="drop --a2sf, or drop fewer attention layers",
+            )
+        # How many slots an earlier pass leaves may depend on scores; then only the run can check the count.
+        exact = "attention" not in dry.uncertain
+        policy = self.config.cache_policy()
+        try:
+            policy.validate(num_slots=len(slots) if exact else None)
+        except ValueError as exc:
+            raise SlimformerError(f"bad --a2sf option: {exc}{dry.after()}", where="pass a2sf", fix=EXAMPLE) from exc
+        graph.kv_cache = policy.to_dict() if policy.evicts else None
 
     def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
         if graph.is_encoder:
@@ -137,7 +186,7 @@ def _slot_summary(policy: CachePolicy, slot: int) -> dict[str, Any]:
     if policy.budget_ratio is not None:
         summary["budget_ratio"] = policy.budget_ratio  # resolved per prompt at prefill
         summary["sink"] = policy.effective_sink
-        if policy.policy != "streaming":
+        if policy.scores_attention:
             if policy.recent is not None:
                 summary["recent"] = policy.recent
             else:
@@ -157,18 +206,7 @@ def _describe(policy: CachePolicy, n_slots: int) -> str:
         size = f"budget {policy.budget} tokens"
     else:
         size = f"budget {policy.budget_ratio:.0%} of each prompt (resolved at prefill)"
-    if policy.policy == "streaming":
-        rule = f"keeps the first {policy.effective_sink} (sink) and the most recent tokens"
-    else:
-        if policy.recent is not None:
-            recent = f"{policy.recent} recent tokens"
-        else:
-            ratio = DEFAULT_RECENT_RATIO if policy.recent_ratio is None else policy.recent_ratio
-            recent = f"{ratio:.0%} of the budget as recent window"
-        rule = (
-            f"alpha {policy.effective_alpha:g}, {recent}, {policy.effective_sink} sink token(s), the rest by "
-            "accumulated attention score"
-        )
+    rule = policy.kind.describe(policy)
     return f"policy {policy.policy}: {size} per (sequence, KV head) in each of {n_slots} cache slot(s); {rule}"
 
 

@@ -28,7 +28,10 @@ class HealSettings:
     hidden_mse: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
-    log_every: int = 25
+    log_every: int = 25  # a log line every this many steps (and at the end)
+    # A history entry (the plot's points) every this many steps; None: about 50 points whatever the length,
+    # so that a short run plots as a curve, not as one dot.
+    record_every: int | None = None
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -73,12 +76,16 @@ def distill(
     *,
     mse_layers: list[int] | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train ``student``'s ``trainable`` parameters to imitate ``teacher`` on ``windows`` (``LongTensor[n, T]``).
 
     Returns a JSON-able record: settings, trainable parameter count, loss history, wall time. The student is
-    left in eval mode with every ``requires_grad`` off.
+    left in eval mode with every ``requires_grad`` off. ``progress`` shows a bar on a terminal and a plain
+    line every few seconds otherwise (:func:`converter.evaluation.progress_bar`).
     """
+    from converter.evaluation import progress_bar
+
     device = next(student.parameters()).device
     params = []
     for name, param in student.named_parameters():
@@ -99,9 +106,11 @@ def distill(
     order: list[int] = []
     history: list[dict[str, float]] = []
     running = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "n": 0}
+    record_every = settings.record_every or max(1, settings.steps // 50)
     teacher.eval()
     student.train()
     started = time.perf_counter()
+    bar = progress_bar(settings.steps, "sas healing", progress, unit="step")
     try:
         with torch.enable_grad():
             for step in range(1, settings.steps + 1):
@@ -128,14 +137,21 @@ def distill(
                 for key, value in (("loss", loss), ("kl", kl), ("mse", mse)):
                     running[key] += value.item()
                 running["n"] += 1
-                if step % settings.log_every == 0 or step == settings.steps:
+                bar.set_postfix_str(f"KL {kl.item():.4f}", refresh=False)
+                bar.update(1)
+                elapsed = round(time.perf_counter() - started, 1)
+                recorded = step % record_every == 0 or step == settings.steps
+                if recorded:
                     entry = {"step": step, **{k: running[k] / running["n"] for k in ("loss", "kl", "mse")},
-                             "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - started, 1)}
+                             "lr": optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
                     history.append(entry)
                     running = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "n": 0}
-                    log(f"[sas] heal step {step}/{settings.steps}: KL {entry['kl']:.4f}"
-                        + (f", hidden MSE {entry['mse']:.4f}" if use_mse else "") + f" ({entry['elapsed_s']:.0f}s)")
+                if step % settings.log_every == 0 or step == settings.steps:
+                    shown = history[-1] if recorded else {"kl": kl.item(), "mse": mse.item()}
+                    log(f"[sas] heal step {step}/{settings.steps}: KL {shown['kl']:.4f}"
+                        + (f", hidden MSE {shown['mse']:.4f}" if use_mse else "") + f" ({elapsed:.0f}s)")
     finally:
+        bar.close()
         for hooks in (student_out, teacher_out):
             if hooks is not None:
                 hooks.remove()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from converter.errors import SlimformerError
@@ -43,7 +43,7 @@ from converter.importance import (
     rank_modules,
     score_graph,
 )
-from converter.pipeline import Pass, PassContext, register
+from converter.pipeline import DryRun, Pass, PassContext, register
 
 MODE_ALIASES = {"attn": "attention", "attention": "attention", "mlp": "mlp", "ffn": "mlp",
                 "block": "block", "layer": "block", "joint": "joint"}
@@ -109,15 +109,37 @@ class DropSpec:
 
 @dataclass
 class LayerDropConfig:
-    drop: str | None = None  # see DropSpec; default "attn" when only max_ppl_increase is given
-    iterative: bool = False
-    max_ppl_increase: float | None = None  # percent
-    metric: str = "cosine"  # cosine (1 - cos) | angular (arccos(cos) / pi)
-    compare: str = "residual"  # residual (LLM-Drop: X before the norm, Y = X + f(norm X)) | norm_output
-    streaming: bool = False  # score one layer at a time (weights of one block resident)
-    batch_size: int = 8  # calibration windows per forward
+    """Options of the ``layer_drop`` pass (CLI: ``--drop``, ``--iterative``, ``--max-ppl-increase``, ``--streaming``;
+    every key in a pipeline file). The ``help`` metadata is what ``slimformer convert --help`` prints."""
+
+    drop: str | None = field(default=None, metadata={
+        "help": "what to drop: attn:N, mlp:N, block:N or joint:N, N a count or a ratio like 0.25 (--drop)",
+        "default_text": "attn with max_ppl_increase"})
+    iterative: bool = field(default=False, metadata={"help": "re-score the model after each removal (--iterative)"})
+    max_ppl_increase: float | None = field(default=None, metadata={
+        "help": "drop while --eval-ppl perplexity rises at most this many percent (--max-ppl-increase)"})
+    metric: str = field(default="cosine", metadata={
+        "help": "importance: cosine (1 - cos, LLM-Drop) or angular (arccos(cos) / pi)"})
+    compare: str = field(default="residual", metadata={
+        "help": "residual (X before the norm vs X + f(norm X), LLM-Drop) or norm_output (norm X vs f(norm X))"})
+    streaming: bool = field(default=False, metadata={
+        "help": "score one block at a time, one block's weights in memory (--streaming)"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per scoring forward"})
 
     def __post_init__(self) -> None:
+        if self.drop is not None and not isinstance(self.drop, str):
+            raise SlimformerError(f"layer_drop drop={self.drop!r} must be a spec such as attn:2", fix=SPEC_HELP)
+        for name in ("iterative", "streaming"):
+            if not isinstance(getattr(self, name), bool):
+                raise SlimformerError(f"layer_drop {name}={getattr(self, name)!r} must be true or false",
+                                      fix=f"write {name} = true (or false)")
+        if self.max_ppl_increase is not None and (
+            isinstance(self.max_ppl_increase, bool) or not isinstance(self.max_ppl_increase, (int, float))
+        ):
+            raise SlimformerError(f"layer_drop max_ppl_increase={self.max_ppl_increase!r} must be a number (percent)",
+                                  fix="give a percentage, e.g. --max-ppl-increase 5")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise SlimformerError(f"layer_drop batch_size={self.batch_size!r} must be an integer", fix="e.g. batch_size = 8")
         if self.drop is None and self.max_ppl_increase is None:
             raise SlimformerError("layer_drop needs a drop spec or a quality target",
                                   fix="pass --drop attn:N (or mlp:N, block:N, joint:N) and/or --max-ppl-increase PCT")
@@ -134,6 +156,25 @@ class LayerDropConfig:
             raise SlimformerError(f"unknown compare {self.compare!r}", fix=f"use one of {', '.join(COMPARES)}")
         if self.batch_size < 1:
             raise SlimformerError(f"batch_size must be >= 1 (got {self.batch_size})", fix="raise batch_size")
+
+
+def _plan_drop(graph: CheckpointGraph, mode: str, n: int) -> None:
+    """Mark ``n`` modules of ``mode`` dropped in a dry-run copy. Which ones depends on scores not yet
+    computed, so take those whose loss costs later passes least: MLPs first for ``joint`` (attention is
+    what sas and a2sf need), SAS-form attention before standard attention (sas converts standard ones)."""
+    def order(kind: str) -> list[Node]:
+        nodes = [getattr(block, kind) for block in reversed(graph.blocks) if getattr(block, kind).kept]
+        return sorted(nodes, key=lambda node: node.details.get("form", "standard") == "standard")
+
+    if mode == "block":
+        candidates = [block for block in reversed(graph.blocks) if block.attention.kept or block.mlp.kept]
+        for block in candidates[:n]:
+            block.attention.state = block.mlp.state = DROPPED
+        return
+    kinds = {"attention": ["attention"], "mlp": ["mlp"], "joint": ["mlp", "attention"]}[mode]
+    nodes = [node for kind in kinds for node in order(kind)]
+    for node in nodes[:n]:
+        node.state = DROPPED
 
 
 def drop_module(graph: CheckpointGraph, module: ScoredModule, reason: str) -> list[tuple[Node, str, str | None]]:
@@ -157,6 +198,39 @@ def restore(saved: list[tuple[Node, str, str | None]]) -> None:
 class LayerDrop(Pass):
     name = "layer_drop"
     config_class = LayerDropConfig
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    def check(self, dry: DryRun) -> None:
+        """Counts against what is left, the quality target's needs, a tokenizer; then drop in the copy."""
+        cfg, graph, ctx = self.config, dry.graph, dry.ctx
+        text = cfg.drop or "attn"
+        spec = DropSpec.parse(text)
+        try:
+            limit = spec.resolve(graph, text)
+        except SlimformerError as exc:
+            raise SlimformerError(exc.what + dry.after(), where=exc.where, fix=exc.fix) from None
+        if cfg.max_ppl_increase is not None:
+            if graph.is_encoder:
+                raise SlimformerError("--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
+                                      fix="give a count instead, e.g. --drop attn:2")
+            if ctx.evaluation.ppl is None:
+                raise SlimformerError("--max-ppl-increase needs a held-out evaluation source",
+                                      fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)")
+        if ctx.tokenizer is None:
+            raise SlimformerError("layer_drop scores on calibration text, but the checkpoint has no tokenizer",
+                                  fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint")
+        kinds = {"attention": ["attention"], "mlp": ["mlp"], "block": ["attention", "mlp"], "joint": ["attention", "mlp"]}
+        if cfg.max_ppl_increase is not None:
+            # How many go depends on measured perplexity: up to the limit, maybe none. Leave the copy intact.
+            dry.uncertain.update(kinds[spec.mode])
+            dry.history.append(f"layer_drop drops up to {limit} {spec.mode} module(s)")
+            return
+        _plan_drop(graph, spec.mode, limit)
+        if spec.mode == "joint":
+            dry.uncertain.update(kinds["joint"])  # the split between attention and MLP comes from the scores
+        dry.history.append(f"layer_drop drops {limit} {spec.mode} module(s) ({text})")
 
     def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
         cfg = self.config

@@ -38,14 +38,14 @@ GQA layer keeps its KV-head keys and caches one value slice per query head (``hi
 instead of ``num_key_value_heads * head_dim``), see ``converter/runtime/sas.py``; the report's KV bytes
 count it. Encoders (BERT) are refused: their runtime is BERT's own post-norm attention.
 
-CLI: ``slimformer convert SRC -o OUT --sas layers=2,heal-steps=200 --eval-ppl stdlib:valid``.
+CLI: ``slimformer convert SRC -o OUT --sas layers=2,heal_steps=200 --eval-ppl stdlib:valid``.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,8 +54,9 @@ from transformers.models.llama.modeling_llama import repeat_kv
 from converter.errors import SlimformerError
 from converter.evaluation import perplexity_of_tokens
 from converter.graph import REPLACED, Block, CheckpointGraph, TensorRef
-from converter.pipeline import Pass, PassContext, register
-from converter.runtime.sas import STANDARD, ShapedAttention, attention_branches, visible_keys
+from converter.pipeline import DryRun, Pass, PassContext, register
+from converter.runtime.masks import visible_keys
+from converter.runtime.sas import STANDARD, ShapedAttention, attention_branches
 
 from .healing import HealSettings, distill
 from .sas_fold import fold as fold_maps
@@ -67,18 +68,26 @@ CONVERTED_FORM = "shaped"
 
 @dataclass
 class SasConfig:
-    """Options of the ``sas`` pass (CLI: ``--sas layers=2,heal-steps=200``; ``-`` and ``_`` are the same)."""
+    """Options of the ``sas`` pass (CLI: ``--sas layers=2,heal_steps=200``; ``heal-steps`` is read as ``heal_steps``).
+    The ``help`` metadata is what ``slimformer convert --help`` prints."""
 
-    layers: int = 0  # pre-norm layers to convert approximately (0: only fold SAS-form layers)
-    heal_steps: int = 100
-    heal_lr: float = 1e-3
-    heal_batch_size: int = 4
-    heal_params: str = "converted"  # converted | attention | all
-    hidden_mse: float = 0.0  # weight of the converted layers' hidden-state MSE in the healing loss
-    heal_device: str | None = None  # default: the conversion's --device
-    identity_tol: float = 1e-6  # fold W = alpha I + beta dW to the identity when ||W - cI|| / ||cI|| is below
-    max_fold_error: float = 1e-4  # refuse a fold whose relative logit error exceeds this
-    seed: int = 0
+    layers: int = field(default=0, metadata={
+        "help": "standard attention sub-blocks to convert approximately, lowest fit error first "
+                "(0: only fold SAS-form layers)"})
+    heal_steps: int = field(default=100, metadata={"help": "distillation steps after the conversion (0: no healing)"})
+    heal_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of healing"})
+    heal_batch_size: int = field(default=4, metadata={"help": "calibration windows per healing step"})
+    heal_params: str = field(default="converted", metadata={
+        "help": "what healing trains: converted (all parameters of the converted layers), attention, or all"})
+    hidden_mse: float = field(default=0.0, metadata={
+        "help": "weight of the converted layers' relative hidden-state MSE in the healing loss"})
+    heal_device: str | None = field(default=None, metadata={
+        "help": "device for healing", "default_text": "the --device"})
+    identity_tol: float = field(default=1e-6, metadata={
+        "help": "fold a map to the identity when ||W - cI|| / ||cI|| is below this"})
+    max_fold_error: float = field(default=1e-4, metadata={
+        "help": "refuse a fold whose relative logit error exceeds this"})
+    seed: int = field(default=0, metadata={"help": "seed of healing's window order"})
 
     def __post_init__(self) -> None:
         for name in ("layers", "heal_steps", "seed"):
@@ -100,6 +109,43 @@ class SasPass(Pass):
     name = "sas"
     config_class = SasConfig
 
+    def needs_calibration(self) -> bool:
+        return bool(self.config.layers)
+
+    def check(self, dry: DryRun) -> None:
+        """Family and head layout, something to do, enough standard layers left, text and a device to heal
+        on; then mark the converted layers in the copy (which ones depends on the fit, not known yet)."""
+        from converter.conversion import check_device
+
+        cfg, graph, ctx = self.config, dry.graph, dry.ctx
+        check_supported(graph)
+        sas_layers = [block for block in graph.blocks if block.attention.kept and form(block) != STANDARD]
+        if not cfg.layers and not sas_layers:
+            raise SlimformerError(
+                f"the sas pass has nothing to do: the checkpoint has no SAS-form layers{dry.after()} and layers=0",
+                fix="give layers=N to convert N attention sub-blocks approximately (e.g. --sas layers=2,heal_steps=200)",
+            )
+        if not cfg.layers:
+            return
+        candidates = [block for block in graph.blocks if block.attention.kept and form(block) == STANDARD]
+        if cfg.layers > len(candidates):
+            raise SlimformerError(
+                f"sas layers={cfg.layers} but only {len(candidates)} of {len(graph.blocks)} layers have a standard "
+                f"attention sub-block to convert{dry.after()}",
+                fix=f"use layers={len(candidates)} or fewer" + (", or drop fewer attention sub-blocks" if dry.history else ""),
+            )
+        if ctx.tokenizer is None:
+            raise SlimformerError("the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
+                                  fix="add the tokenizer files to the checkpoint")
+        if not ctx.evaluation.ppl and ctx.calibration.samples < 2:
+            raise SlimformerError("need at least 2 calibration windows to hold some out for perplexity",
+                                  fix="raise --calib-samples or pass --eval-ppl")
+        if cfg.heal_device:
+            check_device(cfg.heal_device)
+        for block in candidates[-cfg.layers:]:
+            block.attention.state, block.attention.details["form"] = REPLACED, CONVERTED_FORM
+        dry.history.append(f"sas converts {cfg.layers} attention sub-block(s)")
+
     def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
         check_supported(graph)
         changes: dict[str, Any] = {}
@@ -114,7 +160,7 @@ class SasPass(Pass):
         if not changes:
             raise SlimformerError(
                 "the sas pass has nothing to do: the checkpoint has no SAS-form layers and layers=0",
-                fix="give layers=N to convert N attention sub-blocks approximately (e.g. --sas layers=2,heal-steps=200)",
+                fix="give layers=N to convert N attention sub-blocks approximately (e.g. --sas layers=2,heal_steps=200)",
             )
         return changes
 
@@ -192,7 +238,8 @@ class SasPass(Pass):
             trainable = trainable_filter(graph, converted, cfg.heal_params)
             settings = HealSettings(steps=cfg.heal_steps, lr=cfg.heal_lr, batch_size=cfg.heal_batch_size,
                                     hidden_mse=cfg.hidden_mse, seed=cfg.seed)
-            heal = distill(student, teacher, heal_windows, trainable, settings, mse_layers=converted, log=ctx.log)
+            heal = distill(student, teacher, heal_windows, trainable, settings, mse_layers=converted, log=ctx.log,
+                           progress=ctx.progress)
             heal.update(params=cfg.heal_params, epochs=round(epochs, 2))
             store_parameters(graph, student, trainable)
             ppl_healed = measure(graph.build_model(device=device))  # what will be written, not the live student
@@ -387,7 +434,8 @@ def healing_plot(heal: dict[str, Any]) -> bytes | None:
         return None
     history = heal["history"]
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([h["step"] for h in history], [h["kl"] for h in history], marker="o")
+    # Every logged step is a point; markers only while there are few enough to tell apart.
+    ax.plot([h["step"] for h in history], [h["kl"] for h in history], marker="o" if len(history) <= 60 else None)
     ax.set_xlabel("healing step")
     ax.set_ylabel("KL(teacher || student)")
     ax.set_title("sas: healing by distillation")

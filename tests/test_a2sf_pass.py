@@ -104,17 +104,17 @@ def generate(model: torch.nn.Module) -> tuple[torch.Tensor, object]:
 def test_generate_uses_the_stored_policy_in_both_loaders(converted: Path) -> None:
     sequences, cache = generate(load_model(converted))
     assert isinstance(cache, EvictingCache)
-    assert cache.physical_lengths() == [BUDGET] * 3 and cache.get_seq_length() == 20 + 12 - 1
+    assert cache.kept_lengths() == [BUDGET] * 3 and cache.get_seq_length() == 20 + 12 - 1
 
     # Plain transformers with the shipped code: its own copy of the cache classes, same behaviour.
     remote = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True).eval()
     remote_sequences, remote_cache = generate(remote)
-    assert type(remote_cache).__name__ == "EvictingCache" and remote_cache.physical_lengths() == [BUDGET] * 3
+    assert type(remote_cache).__name__ == "EvictingCache" and remote_cache.kept_lengths() == [BUDGET] * 3
     assert torch.equal(remote_sequences, sequences)
 
     # An override replaces the stored policy; policy=none is the plain growing cache.
     _, cache = generate(load_model(converted, kv_cache={"policy": "streaming", "budget": 6}))
-    assert cache.physical_lengths() == [6] * 3
+    assert cache.kept_lengths() == [6] * 3
     _, cache = generate(load_model(converted, kv_cache={"policy": "none"}))
     assert not isinstance(cache, EvictingCache) and cache.get_seq_length() == 31
 
@@ -144,7 +144,7 @@ def test_cli_generate_accepts_override(converted: Path) -> None:
         ("alpha=0.5", "needs exactly one of budget"),
         ("policy=lru,budget=8", "policy 'lru' is unknown"),
         ("policy=h2o,budget=8,alpha=0.5", "h2o is A2SF with alpha=1"),
-        ("budget=8,window=4", "unknown option(s) ['window']"),
+        ("budget=8,windw=4", "unknown option(s) ['windw']"),
     ],
 )
 def test_bad_values_fail_before_any_work(source: Path, tmp_path: Path, options: str, message: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -95,30 +96,49 @@ def reference_attention(model: SlimformerForCausalLM) -> Iterator[None]:
         model.config._attn_implementation = saved
 
 
-def reference_keep(
-    probs: torch.Tensor, candidates: list[int], alpha: float | None, limits: LayerLimits
-) -> list[int]:
-    """A2SF selection from the full ``[n, n]`` probability matrix (one KV head, its query heads summed).
+def a2sf_score(alpha: float | None):
+    """A2SF's score from the full ``[n, n]`` probabilities: ``sum_t alpha^(n-1-t) P[t]``; ``None``: StreamingLLM,
+    no scores (sink + recent only)."""
 
-    ``alpha=None`` is StreamingLLM: no scores, sink + recent only.
-    """
+    def score(probs: torch.Tensor, prompt: int) -> torch.Tensor:
+        n = probs.shape[0]
+        if alpha is None:
+            return torch.zeros(n, dtype=torch.float64)
+        return sum(alpha ** (n - 1 - t) * probs[t].double() for t in range(n))
+
+    return score
+
+
+def tova_score(probs: torch.Tensor, prompt: int) -> torch.Tensor:
+    """TOVA: the attention of the latest query alone."""
+    return probs[-1].double()
+
+
+def snapkv_score(window: int):
+    """SnapKV: the attention the prompt's last ``window`` queries paid; later queries add nothing."""
+    return lambda probs, prompt: probs[prompt - window : prompt].double().sum(dim=0)
+
+
+def reference_keep(
+    probs: torch.Tensor, candidates: list[int], score_fn: Any, limits: LayerLimits, prompt: int
+) -> list[int]:
+    """The policy's selection from the full ``[n, n]`` probability matrix (one KV head, its query heads
+    summed): sink and recent protected, then the highest ``score_fn(probs, prompt)``."""
     if len(candidates) <= limits.budget:
         return candidates
     protected = set(candidates[: limits.sink]) | set(candidates[len(candidates) - limits.recent :])
-    n = probs.shape[0]
-    if alpha is None:
-        score = torch.zeros(n)
-    else:
-        score = sum(alpha ** (n - 1 - t) * probs[t].double() for t in range(n))
+    score = score_fn(probs, prompt)
     rest = sorted(set(candidates) - protected, key=lambda k: -float(score[k]))
     return sorted(protected | set(rest[: limits.budget - len(protected)]))
 
 
 def kept(cache: EvictingCache, slot: int, b: int, h: int) -> list[int]:
+    # Storage order is free (a decode step writes its token into the slot the evicted one left; attention
+    # does not care once RoPE is applied), so the kept SET is compared, and each token is stored once.
     positions = cache.layers[slot].kept_positions()[b, h].tolist()
     real = [p for p in positions if p >= 0]
-    assert real == sorted(real), "kept tokens must stay in their original order"
-    return real
+    assert len(real) == len(set(real)), "a token is stored twice"
+    return sorted(real)
 
 
 def run_against_reference(
@@ -128,6 +148,7 @@ def run_against_reference(
     steps: list[int],
     limits: list[LayerLimits],
     alpha: float | None,
+    score_fn: Any = None,
 ) -> EvictingCache:
     """Feed ``ids`` in chunks of ``steps`` through an :class:`EvictingCache`, checking every step."""
     batch, total = ids.shape
@@ -151,7 +172,7 @@ def run_against_reference(
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
         for (slot, b, h), old in keep.items():
             probs = REFERENCE.probs[layers[slot]].view(batch, kv_heads, -1, seen, seen).sum(dim=2)
-            keep[slot, b, h] = reference_keep(probs[b, h], old + new, alpha, limits[slot])
+            keep[slot, b, h] = reference_keep(probs[b, h], old + new, score_fn or a2sf_score(alpha), limits[slot], steps[0])
             assert kept(cache, slot, b, h) == keep[slot, b, h], (
                 f"slot {slot} row {b} head {h} after {seen} tokens"
             )
@@ -166,6 +187,7 @@ class Case:
     policy: CachePolicy
     limits: list[LayerLimits]  # written out by hand: the test does not trust CachePolicy.limits()
     alpha: float | None
+    score_fn: Any = None  # default: A2SF with ``alpha``
 
 
 CASES = {
@@ -182,6 +204,9 @@ CASES = {
         1.0,
     ),
     "streaming": Case(CachePolicy("streaming", budget=8, sink=2), [LayerLimits(8, 2, 6)] * 2, None),
+    "tova": Case(CachePolicy("tova", budget=8, recent=2, sink=1), [LayerLimits(8, 1, 2)] * 2, None, tova_score),
+    "snapkv": Case(CachePolicy("snapkv", budget=8, recent=3, window=4), [LayerLimits(8, 0, 3)] * 2, None,
+                   snapkv_score(4)),
 }
 STEPS = [12, 1, 1, 1, 3, 1, 1]  # prompt over budget, decode, a 3-token chunk after eviction, decode
 
@@ -190,9 +215,12 @@ STEPS = [12, 1, 1, 1, 3, 1, 1]  # prompt over budget, decode, a 3-token chunk af
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_eviction_matches_masked_full_reference(impl: str, case: Case) -> None:
     model = tiny_model(impl)
-    cache = run_against_reference(model, case.policy, tokens(2, sum(STEPS)), STEPS, case.limits, case.alpha)
+    cache = run_against_reference(model, case.policy, tokens(2, sum(STEPS)), STEPS, case.limits, case.alpha,
+                                  case.score_fn)
     assert cache.get_seq_length() == sum(STEPS)
-    assert cache.physical_lengths() == [limit.budget for limit in case.limits]
+    assert cache.kept_lengths() == [limit.budget for limit in case.limits]
+    # Storage: the budget plus at most the one free slot a decode step writes into.
+    assert all(p - limit.budget in (0, 1) for p, limit in zip(cache.physical_lengths(), case.limits))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -262,7 +290,7 @@ def test_left_padding_equals_each_row_alone(impl: str) -> None:
                 assert [p - pad for p in kept(cache, slot, i, h)] == kept(alone, slot, 0, h)
             # Padding only fills slots real tokens cannot: a row keeps min(budget, real tokens) real tokens.
             assert layer.key_validity()[i].sum(-1).tolist() == [min(8, real_seen)] * 2
-    assert cache.physical_lengths() == [8, 8]
+    assert cache.kept_lengths() == [8, 8]
 
 
 # ---- generate(): sampling, several return sequences, beams --------------------------------------------------
@@ -287,9 +315,9 @@ def test_generate_sampling_keeps_memory_at_budget(policy: str) -> None:
     assert out.sequences.shape == (4, 32)
     cache = out.past_key_values
     assert isinstance(cache, EvictingCache)
-    assert cache.physical_lengths() == [8, 8]  # 31 tokens went through each slot; 8 are stored
+    assert cache.kept_lengths() == [8, 8]  # 31 tokens went through each slot; 8 are stored
     assert cache.get_seq_length() == 31
-    assert all(bool(layer.key_validity().all()) for layer in cache.layers)
+    assert all(bool((layer.key_validity().sum(-1) == 8).all()) for layer in cache.layers)
 
     beams = model.generate(
         prompt,
@@ -299,7 +327,7 @@ def test_generate_sampling_keeps_memory_at_budget(policy: str) -> None:
         pad_token_id=0,
         return_dict_in_generate=True,
     )
-    assert beams.past_key_values.physical_lengths() == [8, 8]
+    assert beams.past_key_values.kept_lengths() == [8, 8]
 
 
 def test_batch_repeat_select_and_crop() -> None:
@@ -367,7 +395,7 @@ def test_budget_ratio_resolves_against_the_prompt() -> None:
     with torch.no_grad():
         model(tokens(1, 20), past_key_values=cache)
         model(tokens(1, 1), past_key_values=cache)
-    assert cache.physical_lengths() == [10, 10]
+    assert cache.kept_lengths() == [10, 10]
 
 
 # ---- CachePolicy: validation, parsing, serialisation -----------------------------------------------------
@@ -414,8 +442,10 @@ def test_policy_validation_errors(fields: dict, message: str) -> None:
 
 
 def test_policy_parse_and_config_errors() -> None:
-    with pytest.raises(ValueError, match="unknown kv-cache option 'window'"):
-        CachePolicy.parse("budget=8,window=4")
+    with pytest.raises(ValueError, match="unknown kv-cache option 'windw'"):
+        CachePolicy.parse("budget=8,windw=4")
+    with pytest.raises(ValueError, match=r"'a2sf' does not use \['window'\]"):
+        CachePolicy.parse("budget=8,window=4")  # snapkv's option, not a2sf's
     with pytest.raises(ValueError, match="alpha='half' must be a number"):
         CachePolicy.parse("budget=8,alpha=half")
     with pytest.raises(ValueError, match="budget='8.5' must be an integer"):
@@ -461,4 +491,4 @@ def test_stories260k_eviction_matches_masked_reference() -> None:
     policy = CachePolicy("a2sf", budget=12, alpha=0.5, recent=6, sink=1)
     limits = [LayerLimits(12, 1, 6)] * config.num_hidden_layers
     cache = run_against_reference(model, policy, ids, steps, limits, 0.5)
-    assert cache.physical_lengths() == [12] * config.num_hidden_layers
+    assert cache.kept_lengths() == [12] * config.num_hidden_layers

@@ -19,7 +19,8 @@ from converter.graph import load_graph
 from converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext
 from converter.runtime import SlimformerConfig, SlimformerForCausalLM
 from converter.runtime.configuration_slimformer import default_block_config
-from converter.runtime.sas import ShapedAttention, attention_branches, centering_matrix, visible_keys
+from converter.runtime.masks import visible_keys
+from converter.runtime.sas import ShapedAttention, attention_branches, centering_matrix
 from converter.source import resolve_source
 from passes.sas import SasPass, fit_layers
 
@@ -176,8 +177,9 @@ def test_sas_layers_run_with_an_evicting_cache(kv_heads):
     plain, _ = decode(None)
     assert torch.allclose(roomy, plain, atol=1e-6)
     logits, cache = decode(EvictingCache({"policy": "a2sf", "budget": 8, "alpha": 0.5}))
-    assert torch.isfinite(logits).all() and cache.physical_lengths() == [8, 8]
-    assert cache.layers[0].values.shape == (1, kv_heads, 8, 32 // kv_heads)
+    assert torch.isfinite(logits).all() and cache.kept_lengths() == [8, 8]
+    values = cache.layers[0].values  # the budget, plus the free slot a decode step writes into
+    assert values.shape[:2] == (1, kv_heads) and values.shape[2] in (8, 9) and values.shape[3] == 32 // kv_heads
 
 
 def test_block_forms_have_the_documented_tensors():
@@ -299,7 +301,8 @@ def test_approximate_conversion_heals_and_exports(tmp_path):
     assert all(ppl[k] > 0 for k in ("before", "after_conversion", "after_healing")) and "held-out" in ppl["source"]
     # v_proj (16 x 32 + 16) and o_proj (32 x 32 + 32) go, three gains per head (4 heads) come.
     assert report["params_removed"] == params_before - graph.num_params() == 2 * (16 * 32 + 16 + 32 * 32 + 32 - 3 * 4)
-    assert report["heal"]["steps"] == 4 and len(report["heal"]["history"]) == 1
+    # A short run logs every step, so its healing plot is a curve, not one dot.
+    assert report["heal"]["steps"] == 4 and [h["step"] for h in report["heal"]["history"]] == [1, 2, 3, 4]
     for layer in report["converted_layers"]:
         assert graph.blocks[layer].attention.details == {"form": "shaped"}
     out = tmp_path / "out"

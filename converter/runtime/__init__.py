@@ -1,10 +1,11 @@
 """Runtime of converted checkpoints. These files are also copied into every converted directory."""
 
+from pathlib import Path
+
 from .configuration_slimformer import SlimformerConfig
 from .modeling_slimformer import SlimformerEncoderModel, SlimformerForCausalLM, SlimformerModel
 
-RUNTIME_FILES = (
-    "configuration_slimformer.py", "modeling_slimformer.py", "attention_heads.py", "kv_cache.py", "sas.py", "rotary.py",
-)
+# Every module of this folder ships (so a new one cannot be forgotten); this file is slimformer's own.
+RUNTIME_FILES = tuple(sorted(p.name for p in Path(__file__).parent.glob("*.py") if p.name != "__init__.py"))
 
 __all__ = ["RUNTIME_FILES", "SlimformerConfig", "SlimformerEncoderModel", "SlimformerForCausalLM", "SlimformerModel"]

@@ -19,7 +19,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from .kv_cache import past_key_validity
+from .kv_cache import past_key_validity, written_in_place
+from .masks import additive_mask, attention_bias, visible_keys
 
 
 @dataclass
@@ -27,7 +28,9 @@ class CacheStep:
     """Keys and values to attend over after this step, and which positions are real tokens.
 
     ``new_valid`` ``[B, q]`` marks this step's non-padding tokens; ``past_valid`` is the cache's record of
-    its stored positions (``None`` without a cache) and ``past_len`` their number.
+    its stored positions (``None`` without a cache) and ``past_len`` their number. ``written_valid`` is set
+    when an evicting cache wrote a one-token step into a free storage slot instead of appending it: the
+    token then sees exactly those valid slots (itself included), wherever they lie.
     """
 
     key: torch.Tensor
@@ -35,6 +38,23 @@ class CacheStep:
     new_valid: torch.Tensor | None
     past_valid: torch.Tensor | None
     past_len: int
+    written_valid: torch.Tensor | None = None
+
+    def visible(self, q_len: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+        """Which keys each query sees (``masks.visible_keys``; ``None`` = plain causal)."""
+        if self.written_valid is not None:
+            return self.written_valid[:, :, None, :]
+        return visible_keys(self.new_valid, self.past_valid, q_len, self.past_len, sliding_window=sliding_window,
+                            device=device)
+
+    def bias(
+        self, q_len: int, dtype: torch.dtype, device: torch.device, sliding_window: int | None, implicit_causal: bool
+    ) -> torch.Tensor | None:
+        """The additive mask of :meth:`visible` (``masks.attention_bias``; ``None`` where no mask is exact)."""
+        if self.written_valid is not None:
+            return additive_mask(self.written_valid[:, :, None, :], dtype)
+        return attention_bias(self.past_valid, self.new_valid, q_len, self.past_len, dtype, device, sliding_window,
+                              implicit_causal=implicit_causal)
 
 
 class QueryKeyHeads(nn.Module):
@@ -90,4 +110,7 @@ class QueryKeyHeads(nn.Module):
         key, value = past_key_values.update(
             key, value, self.cache_idx, {"new_valid": new_valid}
         )
-        return CacheStep(key, value, new_valid, past_valid, past_len)
+        written = written_in_place(past_key_values, self.cache_idx)
+        if written is True:  # the token went into the free slot and every stored slot is real: no mask at all
+            return CacheStep(key, value, new_valid, None, key.shape[-2] - 1)
+        return CacheStep(key, value, new_valid, past_valid, past_len, written)

@@ -2,26 +2,26 @@
 
 ``new_cache(config)`` returns the cache ``generate()`` uses by default: a plain ``DynamicCache`` with one
 slot per layer that keeps attention, or -- when the checkpoint's ``kv_cache`` config names an evicting
-policy -- an :class:`EvictingCache`. The attention module talks to any cache through two functions
-defined here, so it never needs to know which kind it has:
+policy -- an :class:`EvictingCache`. The attention module talks to any cache through functions defined
+here, so it never needs to know which kind it has:
 
 * ``past_key_validity(cache, slot, attention_mask, batch)`` -> which stored slots are real tokens,
   ``[B, 1 or H_kv, past]`` (or ``None`` = all), and the physical past length;
-* ``observe_attention(cache, slot, query, bias, scaling)`` -> lets a scoring cache see this step's queries.
+* ``wants_probabilities(cache, slot, q_len)`` -> whether the attention should hand over the softmax
+  probabilities it computes (decode steps of a scoring policy: no second ``Q K^T``);
+* ``observe_attention(cache, slot, query, bias, scaling, probs)`` -> lets a scoring cache see this step.
 
-One eviction mechanism serves every policy (as in NVIDIA's kvpress, policies are configurations):
+One eviction mechanism (:class:`EvictingLayer`) serves every policy; what differs between policies -- how a
+stored token's score changes after a step -- lives in small classes in ``kv_policies.py`` (A2SF, H2O,
+StreamingLLM, SnapKV, TOVA). After each forward step a layer keeps, per (batch row, KV head), the first
+``sink`` real tokens, the last ``recent`` real tokens and the highest-scoring others, up to its budget.
 
-* A2SF (Jo & Shin, arXiv 2407.20485): score of a stored token after ``n`` queries is
-  ``A[n, k] = sum_{t <= n} alpha^(n - t) * S[t, k]`` with ``S`` the softmax attention probabilities,
-  summed over the query heads of each KV head (GQA), so evicting a slot really frees shared K/V.
-* H2O is A2SF with ``alpha = 1``; StreamingLLM keeps only sink + recent tokens and needs no scores.
-* After each forward step the layer keeps, per (batch row, KV head), the first ``sink`` real tokens, the
-  last ``recent`` real tokens and the highest-scoring others, up to the layer's budget.
-
-Eviction is position-safe because RoPE is applied before keys are cached; ``get_seq_length()`` stays the
-LOGICAL number of tokens seen so ``cache_position`` and RoPE positions stay right, while the attention
-mask comes from the per-slot validity kept here (the 2-D mask is in logical positions and is wrong once
-slots have been evicted or with left padding).
+Decode steps are cheap: once a slot is full, the token that leaves marks its storage slot free and the
+next token is written into it -- no re-gathering of keys, values and bookkeeping. Attention does not care
+about slot order once RoPE is applied; what the recent window needs is kept per slot (``ranks``: index of
+the token among its row's real tokens). Eviction is position-safe because RoPE is applied before keys
+are cached; ``get_seq_length()`` stays the LOGICAL number of tokens seen so RoPE positions stay right,
+while the attention mask comes from the per-slot validity kept here.
 
 Shipped inside converted checkpoints: imports only torch, transformers and the standard library.
 """
@@ -37,24 +37,27 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .kv_policies import (
+    DEFAULT_ALPHA,
+    DEFAULT_RECENT_RATIO,
+    DEFAULT_STREAMING_SINK,
+    POLICY_CLASSES,
+    KVPolicy,
+    policy_class,
+)
+from .masks import grouped_probabilities
+
 # transformers >= 5.24 calls the cache of model outputs (and the forward argument) ``cache``; earlier
 # releases ``past_key_values``. The runtime accepts both and returns the installed release's name.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
-POLICIES = ("a2sf", "h2o", "streaming", "none")
-EVICTING_POLICIES = ("a2sf", "h2o", "streaming")
-
-# Defaults, measured. DESIGN.md §3 (pycoder-8m, 384-token prompt in a 76-token budget) found a 75%
-# recent window three times better than 25%, so the split is exposed and defaults to 75%. For alpha it
-# reported 0.1 best with eviction during decoding, but our own benchmark (benchmarks/a2sf_quality.py:
-# pycoder-8m, 384 prompt + 64 decoded tokens, budgets 10/20/50%, pycode and wikitext2) found alpha = 0.9
-# best in 5 of 6 cells and 0.1 mid-pack, so the default follows our measurement.
-DEFAULT_ALPHA = 0.9
-DEFAULT_RECENT_RATIO = 0.75
-# StreamingLLM's own choice: four attention-sink tokens. A2SF/H2O protect none by default (as measured):
-# the first tokens collect attention from every query, so they tend to win on score anyway.
-DEFAULT_STREAMING_SINK = 4
+POLICIES = tuple(POLICY_CLASSES)
+EVICTING_POLICIES = tuple(name for name, cls in POLICY_CLASSES.items() if cls.evicts)
 DEFAULT_CHUNK_SIZE = 128
+__all__ = [
+    "DEFAULT_ALPHA", "DEFAULT_RECENT_RATIO", "DEFAULT_STREAMING_SINK", "EVICTING_POLICIES", "POLICIES",
+    "CachePolicy", "EvictingCache", "EvictingLayer", "LayerLimits", "new_cache",
+]
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ class CachePolicy:
 
     Fields (``None`` = the default described):
 
-    * ``policy`` -- ``a2sf``, ``h2o`` (A2SF with alpha 1), ``streaming`` (sink + recent) or ``none``.
+    * ``policy`` -- ``a2sf``, ``h2o`` (A2SF with alpha 1), ``streaming`` (sink + recent), ``snapkv`` (the
+      prompt's last ``window`` queries vote once), ``tova`` (the last query's attention) or ``none``
+      (see ``kv_policies.py``).
     * ``budget`` -- tokens kept per (sequence, KV head) in every cache slot; or
     * ``budget_ratio`` -- the budget as a fraction of the prompt length (the padded length of the first
       forward), resolved per slot at prefill, never below ``sink + recent``; or
@@ -84,6 +89,7 @@ class CachePolicy:
     * ``sink`` -- first real tokens that are never evicted (default 0; 4 for streaming).
     * ``score_window`` -- with alpha < 1, score a multi-token step from its last W query rows only: each
       query head's score then errs by at most ``truncation_bound = alpha^W / (1 - alpha)``.
+    * ``window`` -- snapkv's observation window (default 32 query rows).
     * ``chunk_size`` -- query rows scored at a time, so a prompt's L x L probabilities never exist at once.
     """
 
@@ -96,6 +102,7 @@ class CachePolicy:
     recent_ratio: float | None = None
     sink: int | None = None
     score_window: int | None = None
+    window: int | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
 
     # ---- (de)serialisation -------------------------------------------------------------------------
@@ -105,6 +112,7 @@ class CachePolicy:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CachePolicy:
+        """Read ``config.json["kv_cache"]``; checkpoints written before ``window`` existed read unchanged."""
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -135,28 +143,29 @@ class CachePolicy:
             values["policy"] = "none"
         return cls.from_dict(values)
 
-    # ---- validation and resolution ------------------------------------------------------------------
+    # ---- what the policy class decides --------------------------------------------------------------
+
+    @property
+    def kind(self) -> KVPolicy:
+        """The policy's class (``kv_policies.py``): its scoring rule, defaults and checks."""
+        return policy_class(self.policy)
 
     @property
     def evicts(self) -> bool:
-        return self.policy in EVICTING_POLICIES
+        return self.kind.evicts
 
     @property
     def scores_attention(self) -> bool:
-        """A2SF and H2O rank tokens by accumulated attention; StreamingLLM keeps by position alone."""
-        return self.policy in ("a2sf", "h2o")
+        """Scoring policies rank tokens by attention; StreamingLLM keeps by position alone."""
+        return self.kind.scores_attention
 
     @property
     def effective_alpha(self) -> float:
-        if self.policy == "h2o":
-            return 1.0
-        return DEFAULT_ALPHA if self.alpha is None else self.alpha
+        return self.kind.alpha(self)
 
     @property
     def effective_sink(self) -> int:
-        if self.sink is not None:
-            return self.sink
-        return DEFAULT_STREAMING_SINK if self.policy == "streaming" else 0
+        return self.sink if self.sink is not None else self.kind.default_sink
 
     @property
     def truncation_bound(self) -> float:
@@ -166,20 +175,18 @@ class CachePolicy:
             return 0.0
         return alpha**self.score_window / (1.0 - alpha)
 
+    # ---- validation and resolution ------------------------------------------------------------------
+
     def validate(self, num_slots: int | None = None) -> None:
         """Raise ``ValueError`` saying what is wrong and how to fix it.
 
         ``num_slots`` (the model's cache slots, when known) also checks the length of ``layer_budgets``.
         """
-        _require(
-            self.policy in POLICIES, f"kv_cache policy {self.policy!r} is unknown; choose one of {POLICIES}"
-        )
-        for name in ("budget", "recent", "sink", "score_window", "chunk_size"):
+        _require(self.policy in POLICY_CLASSES, f"kv_cache policy {self.policy!r} is unknown; choose one of {POLICIES}")
+        for name in ("budget", "recent", "sink", "score_window", "window", "chunk_size"):
             value = getattr(self, name)
-            _require(
-                value is None or _is_count(value), f"kv_cache {name}={value!r} must be a non-negative integer"
-            )
-        for name in ("budget", "score_window", "chunk_size"):
+            _require(value is None or _is_count(value), f"kv_cache {name}={value!r} must be a non-negative integer")
+        for name in ("budget", "score_window", "window", "chunk_size"):
             _require(getattr(self, name) != 0, f"kv_cache {name} must be at least 1")
         _require(
             self.alpha is None or 0.0 < self.alpha <= 1.0,
@@ -193,42 +200,25 @@ class CachePolicy:
             self.recent_ratio is None or 0.0 <= self.recent_ratio <= 1.0,
             f"kv_cache recent_ratio={self.recent_ratio} must lie in [0, 1] (a fraction of the budget)",
         )
-        budgets = [
-            name for name in ("budget", "budget_ratio", "layer_budgets") if getattr(self, name) is not None
-        ]
-        if not self.evicts:
-            _require(
-                not budgets,
-                f"kv_cache policy 'none' never evicts; remove {budgets} or pick an evicting policy",
-            )
+        budgets = [name for name in ("budget", "budget_ratio", "layer_budgets") if getattr(self, name) is not None]
+        kind = self.kind
+        if not kind.evicts:
+            _require(not budgets, f"kv_cache policy 'none' never evicts; remove {budgets} or pick an evicting policy")
             return
         _require(
             len(budgets) == 1,
             f"kv_cache policy {self.policy!r} needs exactly one of budget (tokens), budget_ratio (fraction of "
             f"the prompt) or layer_budgets (tokens per cache slot); got {budgets or 'none'}",
         )
-        _require(
-            self.policy != "h2o" or self.alpha in (None, 1.0),
-            f"h2o is A2SF with alpha=1; use policy=a2sf for alpha={self.alpha}",
-        )
-        if self.policy == "streaming":
-            extra = [
-                name
-                for name in ("alpha", "recent", "recent_ratio", "score_window")
-                if getattr(self, name) is not None
-            ]
-            _require(
-                not extra,
-                f"streaming keeps sink + the last budget - sink tokens and scores nothing; remove {extra}",
-            )
+        unused = [name for name in ("alpha", "recent", "recent_ratio", "sink", "score_window", "window")
+                  if getattr(self, name) is not None and name not in kind.fields]
+        _require(not unused, f"{kind.summary}; kv_cache policy {self.policy!r} does not use {unused}: remove them "
+                             f"(it reads {', '.join(kind.fields) or 'only a budget'})")
         _require(
             self.recent is None or self.recent_ratio is None,
             "give the recent window either as recent (tokens) or as recent_ratio (fraction of the budget), not both",
         )
-        _require(
-            self.score_window is None or self.effective_alpha < 1.0,
-            "score_window needs alpha < 1: with alpha = 1 every query row counts fully",
-        )
+        kind.validate(self, _require)
         if self.layer_budgets is not None:
             _require(
                 isinstance(self.layer_budgets, list) and len(self.layer_budgets) > 0,
@@ -239,22 +229,12 @@ class CachePolicy:
                 f"kv_cache layer_budgets has {len(self.layer_budgets)} entries but the model has {num_slots} cache slots",
             )
         for budget in self.layer_budgets or ([self.budget] if self.budget is not None else []):
-            _require(
-                _is_count(budget) and budget >= 1, f"kv_cache budget {budget!r} must be a positive integer"
-            )
-            sink, recent = self.effective_sink, self._recent_for(budget)
+            _require(_is_count(budget) and budget >= 1, f"kv_cache budget {budget!r} must be a positive integer")
+            sink, recent = self.effective_sink, kind.recent_window(self, budget)
             _require(
                 budget >= sink + recent,
                 f"kv_cache budget {budget} is smaller than sink {sink} + recent {recent}; raise it or shrink them",
             )
-
-    def _recent_for(self, budget: int) -> int:
-        if self.policy == "streaming":
-            return max(budget - self.effective_sink, 0)
-        if self.recent is not None:
-            return self.recent
-        ratio = DEFAULT_RECENT_RATIO if self.recent_ratio is None else self.recent_ratio
-        return math.floor(ratio * budget)
 
     def limits(self, slot: int, prompt_len: int) -> LayerLimits | None:
         """The budget of cache slot ``slot`` for a prompt of ``prompt_len`` tokens (``None``: never evict)."""
@@ -267,7 +247,7 @@ class CachePolicy:
         else:
             budget = max(1, math.ceil(self.budget_ratio * prompt_len))
         sink = self.effective_sink
-        recent = self._recent_for(budget)
+        recent = self.kind.recent_window(self, budget)
         # A ratio budget on a short prompt may be smaller than the protected tokens: protect them all.
         return LayerLimits(budget=max(budget, sink + recent), sink=sink, recent=recent)
 
@@ -301,8 +281,13 @@ class EvictingLayer(DynamicLayer):
     """One cache slot that keeps at most its budget of tokens per (batch row, KV head).
 
     Stored per slot, all ``[B, H_kv, P]`` beside keys/values ``[B, H_kv, P, D]``: ``scores`` (float32,
-    accumulated attention), ``valid`` (False = padding, never attended) and ``positions`` (logical index of
-    the token, for inspection). ``seen`` counts the logical tokens that went through the layer.
+    the policy's score), ``valid`` (False = padding or a freed slot: never attended, free to overwrite),
+    ``positions`` (logical index of the token, for inspection) and ``ranks`` (index of the token among its
+    row's real tokens: what the sink and recent windows count). ``n_real`` ``[B]`` counts each row's real
+    tokens, ``seen`` the logical tokens that went through the layer.
+
+    Once full, a slot holds ``budget + 1`` storage slots of which one is free: a decode step writes its
+    token into the free slot, attends, scores, and frees the slot of the token that leaves.
     """
 
     def __init__(self, policy: CachePolicy, slot: int) -> None:
@@ -317,6 +302,14 @@ class EvictingLayer(DynamicLayer):
         self.scores: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
+        self.ranks: torch.Tensor | None = None
+        self.n_real: torch.Tensor | None = None
+        self.step_valid: torch.Tensor | None = None  # [B, H_kv, q]: this step's real query rows
+        self.written_in_place = False
+        # Steady state: every (row, head) holds exactly ``budget`` tokens plus the free slot ``free``
+        # ``[B, H_kv, 1]``; a decode step then writes there and frees one slot, with no counting at all.
+        self.steady = False
+        self.free: torch.Tensor | None = None
         self.is_initialized = False
         self.seen = 0
         self.limits: LayerLimits | None = None
@@ -328,42 +321,72 @@ class EvictingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, q_len, _ = key_states.shape
         device = key_states.device
-        new_valid = (cache_kwargs or {}).get("new_valid")
-        if new_valid is None:
-            valid = torch.ones(batch, heads, q_len, dtype=torch.bool, device=device)
-        else:
-            valid = new_valid.to(device=device, dtype=torch.bool)[:, None, :].expand(batch, heads, q_len)
-        positions = torch.arange(self.seen, self.seen + q_len, device=device).expand(batch, heads, q_len)
-        scores = torch.zeros(batch, heads, q_len, dtype=torch.float32, device=device)  # unseen tokens score 0
+        given = (cache_kwargs or {}).get("new_valid")
+        new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device) if given is None else given
+        new_valid = new_valid.to(device=device, dtype=torch.bool)
+        steady_step = self.steady and q_len == 1 and (given is None or bool(new_valid.all()))
         if not self.is_initialized:
+            self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
+        ranks = self.n_real[:, None] + new_valid.long().cumsum(dim=-1) - 1
+        self.n_real = self.n_real + new_valid.sum(dim=-1)
+        shape = (batch, heads, q_len)
+        valid = new_valid[:, None, :].expand(shape)
+        ranks = ranks[:, None, :].expand(shape)
+        positions = torch.arange(self.seen, self.seen + q_len, device=device).expand(shape)
+        scores = torch.zeros(shape, dtype=torch.float32, device=device)  # unseen tokens score 0
+        self.step_valid = valid
+        self.written_in_place = False
+        if steady_step:
+            for name, new in (("keys", key_states), ("values", value_states)):
+                stored = getattr(self, name)
+                stored.scatter_(2, self.free[..., None].expand(-1, -1, -1, stored.shape[-1]), new.to(stored.dtype))
+            for name, new in (("valid", valid), ("positions", positions), ("ranks", ranks), ("scores", scores)):
+                getattr(self, name).scatter_(2, self.free, new)
+            self.written_in_place = True
+        elif not self.is_initialized:
             self.dtype, self.device = key_states.dtype, device
             self.is_initialized = True
             # The first forward is the prompt: a ratio budget is resolved against its (padded) length.
             self.limits = self.policy.limits(self.slot, q_len)
             self.keys, self.values = key_states, value_states
-            self.valid, self.positions, self.scores = valid.clone(), positions.clone(), scores
+            self.valid, self.positions, self.ranks, self.scores = valid.clone(), positions.clone(), ranks.clone(), scores
+        elif q_len == 1 and bool((~self.valid).any(dim=-1).all()):
+            # Every (row, head) has a free slot (a token that left, or padding): write there, gather nothing.
+            free = (~self.valid).int().argmax(dim=-1, keepdim=True)  # [B, H_kv, 1]
+            for name, new in (("keys", key_states), ("values", value_states)):
+                stored = getattr(self, name)
+                stored.scatter_(2, free[..., None].expand(-1, -1, -1, stored.shape[-1]), new.to(stored.dtype))
+            for name, new in (("valid", valid), ("positions", positions), ("ranks", ranks), ("scores", scores)):
+                getattr(self, name).scatter_(2, free, new)
+            self.written_in_place = True
         else:
+            self.steady = False
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.valid = torch.cat([self.valid, valid], dim=-1)
             self.positions = torch.cat([self.positions, positions], dim=-1)
+            self.ranks = torch.cat([self.ranks, ranks], dim=-1)
             self.scores = torch.cat([self.scores, scores], dim=-1)
         self.seen += q_len
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        """Logical tokens seen (what ``cache_position`` and RoPE count), not the stored length."""
+        """Logical tokens seen (what RoPE positions count), not the stored length."""
         return self.seen
 
     def physical_length(self) -> int:
         return self.keys.shape[-2] if self.is_initialized else 0
+
+    def kept_length(self) -> int:
+        """Most real tokens any (row, KV head) holds (the budget once eviction started)."""
+        return int(self.valid.sum(dim=-1).max()) if self.is_initialized else 0
 
     def key_validity(self) -> torch.Tensor | None:
         """``[B, H_kv, P]``: which stored slots hold real tokens (``None`` before the first update)."""
         return self.valid
 
     def kept_positions(self) -> torch.Tensor | None:
-        """``[B, H_kv, P]`` logical position of each stored token, -1 for padding slots."""
+        """``[B, H_kv, P]`` logical position of each stored token, -1 for padding and freed slots."""
         return None if self.positions is None else self.positions.masked_fill(~self.valid, -1)
 
     def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
@@ -381,79 +404,100 @@ class EvictingLayer(DynamicLayer):
 
     # ---- scoring and eviction ---------------------------------------------------------------------------
 
-    def observe(self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> None:
-        """Accumulate this step's attention probabilities, then evict down to the budget."""
+    def wants_probabilities(self, q_len: int) -> bool:
+        """Whether this step's attention should hand over its softmax probabilities: short steps of a
+        scoring policy (decode). Long prompts are scored in chunks instead (never the full L x L)."""
+        return self.limits is not None and self.policy.scores_attention and q_len <= self.policy.chunk_size
+
+    def observe(
+        self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, probs: torch.Tensor | None = None
+    ) -> None:
+        """Score this step (``probs`` ``[B, H, q, P]`` from the attention itself, or recomputed from
+        ``query`` in chunks), then evict down to the budget."""
         if self.limits is None:
             return
         if self.policy.scores_attention:
-            self._accumulate(query, bias, scaling)
-        if self.physical_length() > self.limits.budget:
-            self._evict()
+            self._accumulate(query, bias, scaling, probs)
+        self._evict()
 
-    def _accumulate(self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> None:
-        """``A <- alpha^q * A + sum_t alpha^(q-1-t) * P_t`` over this step's q query rows, per KV head."""
-        batch, n_heads, q_len, dim = query.shape
-        kv_heads, phys = self.keys.shape[1], self.keys.shape[2]
-        groups = n_heads // kv_heads
-        alpha = self.policy.effective_alpha
-        queries = query.float().view(batch, kv_heads, groups, q_len, dim)
-        keys_t = self.keys.float().transpose(-1, -2)[:, :, None]  # [B, H_kv, 1, D, P]
-        if bias is not None:
-            # The attention's own bias, [B, 1 | H_kv | H, q, P] -> [B, 1 | H_kv, 1 | G, q, P].
-            heads = bias.shape[1]
-            bias = bias.float().reshape(
-                bias.shape[0], heads // groups if heads == n_heads else heads, -1, q_len, phys
-            )
+    def _accumulate(
+        self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, probs: torch.Tensor | None
+    ) -> None:
+        """``scores <- decay^q * scores + sum_t w_t * S_t`` (kv_policies.py), per KV head."""
+        q_len = query.shape[2]
+        kind = self.policy.kind
+        weights = kind.row_weights(self.policy, q_len, self.seen == q_len, query.device)  # [q]
         # Rows of padding tokens see no real key (their softmax spreads over masked slots): they score nothing.
-        row_weight = self.valid[:, :, phys - q_len :].float()
-        row_weight = row_weight * alpha ** torch.arange(
-            q_len - 1, -1, -1, device=query.device, dtype=torch.float32
-        )
-        first = 0
-        if self.policy.score_window is not None:
-            first = max(0, q_len - self.policy.score_window)  # older rows weigh at most alpha^W each
+        weights = self.step_valid.float() * weights
+        if probs is not None:
+            batch, heads, _, phys = probs.shape
+            grouped = probs.float().view(batch, self.keys.shape[1], -1, q_len, phys).sum(dim=2)
+            acc = torch.einsum("bhq,bhqp->bhp", weights, grouped)
+        else:
+            acc = self._chunked_scores(query, bias, scaling, weights)
+        self.scores = kind.alpha(self.policy) ** q_len * self.scores + acc
+
+    def _chunked_scores(
+        self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, weights: torch.Tensor
+    ) -> torch.Tensor:
+        batch, kv_heads, phys = self.keys.shape[0], self.keys.shape[1], self.keys.shape[2]
+        q_len = query.shape[2]
+        nonzero = weights.reshape(-1, q_len).any(dim=0).nonzero()
         acc = torch.zeros(batch, kv_heads, phys, dtype=torch.float32, device=query.device)
-        for start in range(first, q_len, self.policy.chunk_size):
+        if nonzero.numel() == 0:
+            return acc
+        for start in range(int(nonzero[0]), q_len, self.policy.chunk_size):  # rows before weigh nothing
             stop = min(q_len, start + self.policy.chunk_size)
-            logits = queries[:, :, :, start:stop] @ keys_t * scaling  # [B, H_kv, G, c, P]
-            if bias is None:
-                # No bias means plain causal attention: query row t sees stored slots up to phys - q_len + t.
-                rows = torch.arange(start, stop, device=query.device)[:, None] + (phys - q_len)
-                future = torch.arange(phys, device=query.device)[None, :] > rows
-                logits = logits.masked_fill(future, float("-inf"))
-            else:
-                logits = logits + bias[..., start:stop, :]
-            probs = logits.softmax(dim=-1).sum(dim=2)  # GQA: the KV head's score is its group's sum
-            acc += torch.einsum("bhc,bhcp->bhp", row_weight[:, :, start:stop], probs)
-        self.scores = alpha**q_len * self.scores + acc
+            probs = grouped_probabilities(query, self.keys, bias, scaling, start, stop).sum(dim=2)
+            acc += torch.einsum("bhc,bhcp->bhp", weights[:, :, start:stop], probs)
+        return acc
 
     def _evict(self) -> None:
-        """Keep sink ∪ recent ∪ top-k by score, per (batch row, KV head), in their original order."""
+        """Keep sink ∪ recent ∪ top-k by score, per (batch row, KV head)."""
         limits = self.limits
         valid = self.valid
-        rank = valid.long().cumsum(dim=-1) - 1  # index of each slot among its row's real tokens
-        n_real = valid.sum(dim=-1, keepdim=True)
-        protected = valid & ((rank < limits.sink) | (rank >= n_real - limits.recent))
-        # Protected tokens outrank every score and padding ranks below everything, so padding only fills
-        # slots that a row with fewer real tokens than the budget cannot fill (and stays invalid there).
+        recent_from = self.n_real[:, None, None] - limits.recent
+        if self.steady and self.written_in_place:
+            # budget + 1 real tokens in every (row, head): free the lowest-priority unprotected one.
+            protected = (self.ranks < limits.sink) | (self.ranks >= recent_from)
+            self.free = self.scores.masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)
+            self.valid.scatter_(2, self.free, False)
+            return
+        count = valid.sum(dim=-1)  # [B, H_kv]
+        if not bool((count > limits.budget).any()):
+            return
+        protected = valid & ((self.ranks < limits.sink) | (self.ranks >= recent_from))
+        if int((count - limits.budget).max()) == 1 and self.physical_length() > limits.budget:
+            # One token too many (a decode step): free the lowest-priority unprotected slot; nothing moves.
+            priority = self.scores.masked_fill(protected | ~valid, float("inf"))
+            victim = priority.argmin(dim=-1, keepdim=True)
+            keep = self.valid.gather(2, victim) & (count <= limits.budget)[..., None]  # rows within budget keep it
+            self.valid.scatter_(2, victim, keep)
+            if bool((count == limits.budget + 1).all()):
+                self.steady, self.free = True, victim
+            return
+        # A prompt or a chunk: keep the budget's worth of slots. Protected tokens outrank every score and
+        # padding ranks below everything, so padding only fills slots that a row with fewer real tokens than
+        # the budget cannot fill (and stays invalid there).
         priority = self.scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
         keep = priority.topk(limits.budget, dim=-1).indices.sort(dim=-1).values
+        self.steady = False
         self._gather(keep)
 
     def _gather(self, keep: torch.Tensor) -> None:
         # Values may be wider than keys (SAS identity values under GQA), so each gets its own index.
         self.keys = self.keys.gather(2, keep[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
         self.values = self.values.gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        self.scores = self.scores.gather(2, keep)
-        self.valid = self.valid.gather(2, keep)
-        self.positions = self.positions.gather(2, keep)
+        for name in ("scores", "valid", "positions", "ranks"):
+            setattr(self, name, getattr(self, name).gather(2, keep))
 
     # ---- batch manipulation (generate(): sampling, beams, contrastive search) ---------------------------
 
     def _map_batch(self, fn: Any) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "scores", "valid", "positions"):
-                setattr(self, name, fn(getattr(self, name)))
+            for name in ("keys", "values", "scores", "valid", "positions", "ranks", "n_real", "free"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, fn(getattr(self, name)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -477,8 +521,9 @@ class EvictingLayer(DynamicLayer):
             )
         for name in ("keys", "values"):
             setattr(self, name, getattr(self, name)[:, :, :max_length])
-        for name in ("scores", "valid", "positions"):
+        for name in ("scores", "valid", "positions", "ranks"):
             setattr(self, name, getattr(self, name)[..., :max_length])
+        self.n_real = self.valid[:, 0].sum(dim=-1)
         self.seen = max_length
 
     def reset(self) -> None:
@@ -507,11 +552,21 @@ class EvictingCache(Cache):
             self.layers.append(EvictingLayer(self.policy, len(self.layers)))
         return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
 
-    def observe(self, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> None:
-        self.layers[slot].observe(query, bias, scaling)
+    def wants_probabilities(self, slot: int, q_len: int) -> bool:
+        return slot < len(self.layers) and self.layers[slot].wants_probabilities(q_len)
+
+    def observe(
+        self, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, probs: torch.Tensor | None = None
+    ) -> None:
+        self.layers[slot].observe(query, bias, scaling, probs)
 
     def physical_lengths(self) -> list[int]:
+        """Storage slots per cache slot (the budget, plus the one free slot a decode step writes into)."""
         return [layer.physical_length() for layer in self.layers]
+
+    def kept_lengths(self) -> list[int]:
+        """Real tokens held per cache slot (at most the budget)."""
+        return [layer.kept_length() for layer in self.layers]
 
 
 def new_cache(config: Any) -> Cache:
@@ -544,9 +599,33 @@ def past_key_validity(
     return attention_mask[:, None, :past_len].bool(), past_len
 
 
+def written_in_place(cache: Cache, slot: int) -> torch.Tensor | bool | None:
+    """After ``update``: if the cache wrote a one-token step into a free storage slot (not appended), the
+    validity ``[B, H_kv, P]`` the token attends with -- or ``True`` when every stored slot is valid (the
+    steady state: no mask needed at all). ``None`` when the step was appended as usual."""
+    layer = cache.layers[slot] if slot < len(cache.layers) else None
+    if not getattr(layer, "written_in_place", False):
+        return None
+    return True if layer.steady else layer.valid
+
+
+def wants_probabilities(cache: Cache | None, slot: int, q_len: int) -> bool:
+    """Whether the attention should compute its probabilities explicitly and pass them to ``observe``."""
+    wants = getattr(cache, "wants_probabilities", None)
+    return wants is not None and wants(slot, q_len)
+
+
 def observe_attention(
-    cache: Cache, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float
+    cache: Cache,
+    slot: int,
+    query: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    probs: torch.Tensor | None = None,
 ) -> None:
     observe = getattr(cache, "observe", None)
     if observe is not None:
-        observe(slot, query, bias, scaling)
+        if probs is None:
+            observe(slot, query, bias, scaling)
+        else:
+            observe(slot, query, bias, scaling, probs)

@@ -43,60 +43,17 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, eager_attenti
 
 from .attention_heads import QueryKeyHeads
 from .configuration_slimformer import SlimformerConfig
-from .kv_cache import CACHE_FIELD, new_cache, observe_attention, returned_cache
+from .kv_cache import CACHE_FIELD, new_cache, observe_attention, returned_cache, wants_probabilities
+
+# transformers 4.57 copies a remote-code checkpoint's modules into its cache only when THIS file imports them
+# relatively (it does not follow nested imports), so every runtime module is imported here once.
+from .kv_policies import POLICY_CLASSES  # noqa: F401
+from .masks import attend_with_probabilities
 from .rotary import RotaryEmbedding
 from .sas import STANDARD, SasDecoderLayer, attention_form
 
 # Attention kernels that treat a missing mask as causal; every other one (eager, custom ones) gets it explicitly.
 IMPLICITLY_CAUSAL = ("sdpa", "flash_attention_2", "flash_attention_3")
-
-
-def attention_bias(
-    past_valid: torch.Tensor | None,
-    new_valid: torch.Tensor | None,
-    query_len: int,
-    past_len: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    sliding_window: int | None = None,
-    implicit_causal: bool = True,
-) -> torch.Tensor | None:
-    """Additive mask ``[B, 1 or H_kv, q, past + q]``: past slots by validity, new tokens causally.
-
-    ``past_valid`` is ``[B, 1 or H_kv, past]`` (bool) and ``new_valid`` is ``[B, q]`` (bool, False for
-    padding). Returns ``None`` when plain causal attention is exact (no past, no padding), which lets
-    SDPA use its fast causal path -- only if ``implicit_causal`` (the kernel treats a missing mask as
-    causal, as SDPA and flash do; eager does not). A finite minimum instead of -inf keeps fully padded
-    rows finite.
-    """
-    no_padding = new_valid is None or bool(new_valid.all())
-    if past_len == 0 and no_padding and sliding_window is None and (implicit_causal or query_len == 1):
-        return None
-    if past_len > 0 and query_len == 1 and no_padding and (past_valid is None or bool(past_valid.all())) and sliding_window is None:
-        return None
-    allowed_new = torch.ones(query_len, query_len, dtype=torch.bool, device=device).tril()
-    allowed_new = allowed_new[None, None]
-    if new_valid is not None:
-        allowed_new = allowed_new & new_valid[:, None, None, :].bool()
-    if past_len > 0:
-        if past_valid is None:
-            past = torch.ones(1, 1, query_len, past_len, dtype=torch.bool, device=device)
-        else:
-            past = past_valid[:, :, None, :].expand(-1, -1, query_len, -1)
-        heads = max(past.shape[1], allowed_new.shape[1])
-        batch = max(past.shape[0], allowed_new.shape[0])
-        allowed = torch.cat(
-            [past.expand(batch, heads, -1, -1), allowed_new.expand(batch, heads, -1, -1)], dim=-1
-        )
-    else:
-        allowed = allowed_new
-    if sliding_window is not None:
-        # Only exact for a cache whose physical and logical positions agree (no eviction).
-        q_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]
-        k_pos = torch.arange(past_len + query_len, device=device)[None, :]
-        allowed = allowed & (k_pos > q_pos - sliding_window)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class SlimformerAttention(QueryKeyHeads):
@@ -122,19 +79,24 @@ class SlimformerAttention(QueryKeyHeads):
         value = self.v_proj(hidden_states).view(batch, q_len, -1, self.head_dim).transpose(1, 2)
         step = self.cache_step(key, value, attention_mask, past_key_values)
         impl = self.config._attn_implementation
-        bias = attention_bias(
-            step.past_valid, step.new_valid, q_len, step.past_len, query.dtype, query.device, self.config.sliding_window,
-            implicit_causal=impl in IMPLICITLY_CAUSAL,
-        )
-        if bias is not None and 1 < bias.shape[1] < self.num_heads:
-            # Per-KV-head validity (an evicting cache keeps different tokens per KV head): one bias per query
-            # head of each group, as eager and SDPA broadcast the mask over query heads, not KV heads.
-            bias = bias.repeat_interleave(self.num_key_value_groups, dim=1)
-        attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
-        output, _ = attend(self, query, step.key, step.value, bias, dropout=0.0, scaling=self.scaling)
-        if past_key_values is not None:
-            # Score-driven caches accumulate this step's attention probabilities and may evict.
-            observe_attention(past_key_values, self.cache_idx, query, bias, self.scaling)
+        explicit_probs = wants_probabilities(past_key_values, self.cache_idx, q_len)
+        # The probabilities path runs eager attention, which needs even a causal mask spelled out.
+        implicit = impl in IMPLICITLY_CAUSAL and not explicit_probs
+        bias = step.bias(q_len, query.dtype, query.device, self.config.sliding_window, implicit)
+        if explicit_probs:
+            # A scoring cache on a short step: compute the probabilities once, for attention and score alike.
+            output, probs = attend_with_probabilities(query, step.key, step.value, bias, self.scaling)
+            observe_attention(past_key_values, self.cache_idx, query, bias, self.scaling, probs)
+        else:
+            if bias is not None and 1 < bias.shape[1] < self.num_heads:
+                # Per-KV-head validity (an evicting cache keeps different tokens per KV head): one bias per query
+                # head of each group, as eager and SDPA broadcast the mask over query heads, not KV heads.
+                bias = bias.repeat_interleave(self.num_key_value_groups, dim=1)
+            attend = eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+            output, _ = attend(self, query, step.key, step.value, bias, dropout=0.0, scaling=self.scaling)
+            if past_key_values is not None:
+                # Score-driven caches accumulate this step's attention probabilities (recomputed in chunks).
+                observe_attention(past_key_values, self.cache_idx, query, bias, self.scaling)
         return self.o_proj(output.reshape(batch, q_len, -1))
 
 

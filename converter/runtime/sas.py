@@ -65,6 +65,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, repeat_kv
 
 from .attention_heads import QueryKeyHeads
 from .kv_cache import observe_attention
+from .masks import additive_mask
 
 STANDARD = "standard"
 IDENTITY, REPARAM = "identity", "reparam"
@@ -98,44 +99,7 @@ def attention_form(config: Any, layer: int) -> str:
     return form
 
 
-# ---- masks -------------------------------------------------------------------------------------------
-
-
-def visible_keys(
-    new_valid: torch.Tensor | None,
-    past_valid: torch.Tensor | None,
-    query_len: int,
-    past_len: int,
-    *,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    device: torch.device | None = None,
-) -> torch.Tensor | None:
-    """Which keys each query may see: bool ``[B | 1, 1 | H_kv, q, past + q]``.
-
-    ``new_valid`` is ``[B, q]`` (False = padding), ``past_valid`` ``[B, 1 | H_kv, past]`` as the cache reports
-    it. ``None`` means plain causal attention with no past and no padding, which lets SDPA take its fast path.
-    """
-    no_padding = new_valid is None or bool(new_valid.all())
-    if causal and past_len == 0 and no_padding and sliding_window is None:
-        return None
-    visible = torch.ones(query_len, query_len, dtype=torch.bool, device=device)
-    visible = (visible.tril() if causal else visible)[None, None]
-    if new_valid is not None:
-        visible = visible & new_valid[:, None, None, :].bool()
-    if past_len > 0:
-        if past_valid is None:
-            past = torch.ones(1, 1, query_len, past_len, dtype=torch.bool, device=device)
-        else:
-            past = past_valid[:, :, None, :].expand(-1, -1, query_len, -1)
-        batch, heads = max(past.shape[0], visible.shape[0]), max(past.shape[1], visible.shape[1])
-        visible = torch.cat([past.expand(batch, heads, -1, -1), visible.expand(batch, heads, -1, -1)], dim=-1)
-    if sliding_window is not None:
-        # Exact while physical and logical positions agree (no eviction), as in the standard path.
-        q_pos = torch.arange(past_len, past_len + query_len, device=device)[:, None]
-        k_pos = torch.arange(past_len + query_len, device=device)[None, :]
-        visible = visible & (k_pos > q_pos - sliding_window)
-    return visible
+# ---- centering ---------------------------------------------------------------------------------------
 
 
 def centering_matrix(visible: torch.Tensor) -> torch.Tensor:
@@ -148,11 +112,6 @@ def centering_matrix(visible: torch.Tensor) -> torch.Tensor:
     empty = weights.sum(dim=-1, keepdim=True) == 0
     weights = torch.where(empty, torch.ones_like(weights), weights)
     return weights / weights.sum(dim=-1, keepdim=True)
-
-
-def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The boolean mask as the runtime's additive bias (finite minimum, so all-masked rows stay finite)."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
 
 
 def shaped_attention(
@@ -263,9 +222,7 @@ class ShapedAttention(QueryKeyHeads):
                     f"{group_width} (a SAS layer caches one identity value slice per query head); this cache "
                     "cannot hold values wider than keys -- use the plain dynamic cache for this model"
                 )
-        visible = visible_keys(
-            step.new_valid, step.past_valid, q_len, step.past_len, sliding_window=self.config.sliding_window, device=query.device
-        )
+        visible = step.visible(q_len, self.config.sliding_window, query.device)
         # [B, H_kv, K, G * D] -> [B, H, K, D]: query head j * G + g reads slice g of KV head j's values.
         k_len = values.shape[-2]
         values = values.view(batch, self.num_key_value_heads, k_len, self.num_key_value_groups, self.head_dim)

@@ -1,0 +1,205 @@
+"""KV-cache eviction policies: one small class each, on the mechanism of ``kv_cache.EvictingLayer``.
+
+The mechanism (``kv_cache.py``) owns the plumbing: where this step's attention probabilities come from
+(the attention computation itself on decode steps, chunked recomputation on long prompts), the protected
+sink and recent windows, the keep rule (protected first, then by score, up to the budget), writing new
+tokens into evicted slots, and batch manipulation for ``generate()``. A policy owns one thing -- how a
+stored token's score changes after a step -- in the linear form every policy here shares::
+
+    scores_after = decay ** q * scores_before + sum_t row_weights[t] * S_t
+
+where ``S_t`` is query row ``t``'s softmax attention over the stored slots, summed over the query heads of
+each KV head (GQA: evicting a slot frees shared K/V), and ``q`` the step's length. A policy supplies
+``row_weights`` (padding rows already zeroed by the mechanism) and ``decay``; a policy that keeps by
+position alone sets ``scores_attention = False`` and no probabilities are ever computed for it.
+
+A new policy = one class here + its name in :data:`POLICY_CLASSES` + a test. Its parameters are fields of
+``kv_cache.CachePolicy`` (stored as ``config.json["kv_cache"]``); :meth:`KVPolicy.validate` names the
+fields it uses. Shipped inside converted checkpoints: imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+# Defaults, measured. DESIGN.md §3 (pycoder-8m, 384-token prompt in a 76-token budget) found a 75%
+# recent window three times better than 25%, so the split is exposed and defaults to 75%. For alpha it
+# reported 0.1 best with eviction during decoding, but our own benchmark (benchmarks/a2sf_quality.py:
+# pycoder-8m, 384 prompt + 64 decoded tokens, budgets 10/20/50%, pycode and wikitext2) found alpha = 0.9
+# best in 5 of 6 cells and 0.1 mid-pack, so the default follows our measurement.
+DEFAULT_ALPHA = 0.9
+DEFAULT_RECENT_RATIO = 0.75
+# StreamingLLM's own choice: four attention-sink tokens. Scoring policies protect none by default (as
+# measured): the first tokens collect attention from every query, so they tend to win on score anyway.
+DEFAULT_STREAMING_SINK = 4
+# SnapKV's observation window (the paper's default: the last 32 prompt tokens vote).
+DEFAULT_SNAPKV_WINDOW = 32
+
+
+class KVPolicy:
+    """Base: a policy that keeps everything. Subclasses override what they change."""
+
+    name: ClassVar[str] = "none"
+    evicts: ClassVar[bool] = False
+    scores_attention: ClassVar[bool] = False
+    #: ``CachePolicy`` fields this policy reads beyond the budget (anything else set is refused).
+    fields: ClassVar[tuple[str, ...]] = ()
+    default_sink: ClassVar[int] = 0
+    #: One line on what the policy keeps (error messages and reports).
+    summary: ClassVar[str] = "none keeps every token"
+
+    def alpha(self, config: Any) -> float:
+        """The decay of old scores per query row (what the ONNX cache op calls ``alpha``)."""
+        return 1.0
+
+    def row_weights(self, config: Any, q_len: int, first_step: bool, device: torch.device) -> torch.Tensor:
+        """Weight of each of the step's ``q_len`` query rows, ``[q_len]`` float32."""
+        return torch.zeros(q_len, device=device)
+
+    def recent_window(self, config: Any, budget: int) -> int:
+        """Protected recent tokens for a slot of ``budget`` tokens."""
+        return 0
+
+    def validate(self, config: Any, require: Any) -> None:
+        """Policy-specific checks; ``require(ok, message)`` raises ``ValueError(message)``."""
+
+    def describe(self, config: Any) -> str:
+        return "keeps every token"
+
+
+class StreamingLLM(KVPolicy):
+    """Xiao et al. 2023: the first ``sink`` tokens and a sliding window of the most recent ones."""
+
+    name = "streaming"
+    evicts = True
+    fields = ("sink",)
+    default_sink = DEFAULT_STREAMING_SINK
+    summary = "streaming keeps sink + the last budget - sink tokens and scores nothing"
+
+    def recent_window(self, config: Any, budget: int) -> int:
+        return max(budget - config.effective_sink, 0)
+
+    def describe(self, config: Any) -> str:
+        return f"keeps the first {config.effective_sink} (sink) and the most recent tokens"
+
+
+class A2SF(KVPolicy):
+    """Jo & Shin 2024: accumulated attention with a forgetting factor, ``A_n = alpha * A_(n-1) + S_n``."""
+
+    name = "a2sf"
+    evicts = True
+    scores_attention = True
+    fields = ("alpha", "recent", "recent_ratio", "sink", "score_window")
+    summary = "a2sf keeps sink + recent + the highest accumulated attention with forgetting factor alpha"
+
+    def alpha(self, config: Any) -> float:
+        return DEFAULT_ALPHA if config.alpha is None else config.alpha
+
+    def row_weights(self, config: Any, q_len: int, first_step: bool, device: torch.device) -> torch.Tensor:
+        alpha = self.alpha(config)
+        weights = alpha ** torch.arange(q_len - 1, -1, -1, device=device, dtype=torch.float32)
+        if config.score_window is not None:
+            # Rows older than the window weigh at most alpha^W each: dropping them is the bounded truncation.
+            weights[: max(0, q_len - config.score_window)] = 0
+        return weights
+
+    def recent_window(self, config: Any, budget: int) -> int:
+        if config.recent is not None:
+            return config.recent
+        ratio = DEFAULT_RECENT_RATIO if config.recent_ratio is None else config.recent_ratio
+        return int(ratio * budget)
+
+    def validate(self, config: Any, require: Any) -> None:
+        require(
+            config.score_window is None or self.alpha(config) < 1.0,
+            "score_window needs alpha < 1: with alpha = 1 every query row counts fully",
+        )
+
+    #: What ranks the unprotected tokens, for :meth:`describe`.
+    ranking: ClassVar[str] = "accumulated attention score"
+
+    def describe(self, config: Any) -> str:
+        if config.recent is not None:
+            recent = f"{config.recent} recent tokens"
+        else:
+            ratio = DEFAULT_RECENT_RATIO if config.recent_ratio is None else config.recent_ratio
+            recent = f"{ratio:.0%} of the budget as recent window"
+        return f"{self._scoring(config)}{recent}, {config.effective_sink} sink token(s), the rest by {self.ranking}"
+
+    def _scoring(self, config: Any) -> str:
+        return f"alpha {self.alpha(config):g}, "
+
+
+class H2O(A2SF):
+    """Zhang et al. 2023 (heavy hitters): A2SF without forgetting, every query row counts fully."""
+
+    name = "h2o"
+    summary = "h2o keeps sink + recent + the highest accumulated attention (alpha 1)"
+
+    def alpha(self, config: Any) -> float:
+        return 1.0
+
+    def validate(self, config: Any, require: Any) -> None:
+        require(config.alpha in (None, 1.0), f"h2o is A2SF with alpha=1; use policy=a2sf for alpha={config.alpha}")
+        super().validate(config, require)
+
+
+class TOVA(A2SF):
+    """Oren et al. 2024 (token omission via attention): keep the tokens the LAST query attends to most."""
+
+    name = "tova"
+    fields = ("recent", "recent_ratio", "sink")
+    summary = "tova keeps sink + recent + the tokens the last query attends to most"
+
+    def alpha(self, config: Any) -> float:
+        return 0.0  # nothing carries over: each step's last query re-ranks every stored token
+
+    def row_weights(self, config: Any, q_len: int, first_step: bool, device: torch.device) -> torch.Tensor:
+        weights = torch.zeros(q_len, device=device)
+        weights[-1] = 1.0
+        return weights
+
+    ranking = "the last query's attention"
+
+    def _scoring(self, config: Any) -> str:
+        return ""
+
+
+class SnapKV(A2SF):
+    """Li et al. 2024: the prompt's last ``window`` queries vote once, at prefill, for the tokens to keep.
+
+    Decode steps add no votes: a generated token is kept while it is in the recent window and then
+    competes with score 0, so the prompt tokens SnapKV selected stay.
+    """
+
+    name = "snapkv"
+    fields = ("recent", "recent_ratio", "sink", "window")
+    summary = "snapkv keeps sink + recent + the tokens the prompt's last window queries attend to most"
+
+    def alpha(self, config: Any) -> float:
+        return 1.0
+
+    def row_weights(self, config: Any, q_len: int, first_step: bool, device: torch.device) -> torch.Tensor:
+        weights = torch.zeros(q_len, device=device)
+        if first_step:
+            window = DEFAULT_SNAPKV_WINDOW if config.window is None else config.window
+            weights[max(0, q_len - window):] = 1.0
+        return weights
+
+    ranking = "the attention of the prompt's last queries (observation window)"
+
+    def _scoring(self, config: Any) -> str:
+        return f"window {DEFAULT_SNAPKV_WINDOW if config.window is None else config.window}, "
+
+
+POLICY_CLASSES: dict[str, type[KVPolicy]] = {
+    cls.name: cls for cls in (KVPolicy, StreamingLLM, A2SF, H2O, TOVA, SnapKV)
+}
+
+
+def policy_class(name: str) -> KVPolicy:
+    if name not in POLICY_CLASSES:
+        raise ValueError(f"kv_cache policy {name!r} is unknown; choose one of {tuple(POLICY_CLASSES)}")
+    return POLICY_CLASSES[name]()
