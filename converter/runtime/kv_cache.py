@@ -337,12 +337,7 @@ class EvictingLayer(DynamicLayer):
         self.step_valid = valid
         self.written_in_place = False
         if steady_step:
-            for name, new in (("keys", key_states), ("values", value_states)):
-                stored = getattr(self, name)
-                stored.scatter_(2, self.free[..., None].expand(-1, -1, -1, stored.shape[-1]), new.to(stored.dtype))
-            for name, new in (("valid", valid), ("positions", positions), ("ranks", ranks), ("scores", scores)):
-                getattr(self, name).scatter_(2, self.free, new)
-            self.written_in_place = True
+            self._write_in_place(self.free, key_states, value_states, valid, positions, ranks, scores)
         elif not self.is_initialized:
             self.dtype, self.device = key_states.dtype, device
             self.is_initialized = True
@@ -353,12 +348,7 @@ class EvictingLayer(DynamicLayer):
         elif q_len == 1 and bool((~self.valid).any(dim=-1).all()):
             # Every (row, head) has a free slot (a token that left, or padding): write there, gather nothing.
             free = (~self.valid).int().argmax(dim=-1, keepdim=True)  # [B, H_kv, 1]
-            for name, new in (("keys", key_states), ("values", value_states)):
-                stored = getattr(self, name)
-                stored.scatter_(2, free[..., None].expand(-1, -1, -1, stored.shape[-1]), new.to(stored.dtype))
-            for name, new in (("valid", valid), ("positions", positions), ("ranks", ranks), ("scores", scores)):
-                getattr(self, name).scatter_(2, free, new)
-            self.written_in_place = True
+            self._write_in_place(free, key_states, value_states, valid, positions, ranks, scores)
         else:
             self.steady = False
             self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -369,6 +359,14 @@ class EvictingLayer(DynamicLayer):
             self.scores = torch.cat([self.scores, scores], dim=-1)
         self.seen += q_len
         return self.keys, self.values
+
+    def _write_in_place(self, free: torch.Tensor, *new: torch.Tensor) -> None:
+        """Write a one-token step into storage slot ``free`` ``[B, H_kv, 1]`` of every (row, head)."""
+        for name, tensor in zip(("keys", "values", "valid", "positions", "ranks", "scores"), new):
+            stored = getattr(self, name)
+            index = free[..., None].expand(-1, -1, -1, stored.shape[-1]) if stored.dim() == 4 else free
+            stored.scatter_(2, index, tensor.to(stored.dtype))
+        self.written_in_place = True
 
     def get_seq_length(self) -> int:
         """Logical tokens seen (what RoPE positions count), not the stored length."""
