@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from converter.report import versions
-from converter.runtime.kv_cache import CachePolicy, EvictingCache
+from slimformer.converter.report import versions
+from slimformer.converter.runtime.kv_cache import CachePolicy, EvictingCache
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SLIMFORMER_SHARED", ROOT.parent / "shared"))

@@ -49,10 +49,10 @@ from a2sf_common import (
     single_thread,
     write_json,
 )
-
-from converter.calibration import sample_windows
-from converter.conversion import load_model, load_tokenizer
-from converter.evaluation import eviction_perplexity_of_tokens, multiple_choice_accuracy
+from slimformer.converter.calibration import sample_windows
+from slimformer.converter.conversion import load_model
+from slimformer.converter.evaluation import eviction_perplexity_of_tokens, multiple_choice_accuracy
+from slimformer.converter.tokenizer import load_tokenizer
 
 PPL_SOURCES = {
     "pycode valid": SHARED / "data" / "pycode" / "valid.txt.gz",
@@ -73,8 +73,13 @@ def perplexities(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
         out[name] = {}
         for ratio in args.budgets:
             result = eviction_perplexity_of_tokens(
-                model, ids, prompt_len=args.prompt, continuation=args.continuation, chunk=args.chunk,
-                batch_size=args.windows, cache_factory=cache_factory({**fields, "budget_ratio": ratio}),
+                model,
+                ids,
+                prompt_len=args.prompt,
+                continuation=args.continuation,
+                chunk=args.chunk,
+                batch_size=args.windows,
+                cache_factory=cache_factory({**fields, "budget_ratio": ratio}),
                 full_cache=FULL not in out,
             )
             if FULL not in out:
@@ -85,7 +90,9 @@ def perplexities(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Names
                 "increase_pct": 100.0 * (result.perplexity / full - 1.0),
                 "cache_tokens": result.cache_tokens,
             }
-            log(f"  {name:<11} {budget_key(ratio):>4}: ppl {result.perplexity:9.3f} ({out[name][budget_key(ratio)]['increase_pct']:+.2f}%)")
+            log(
+                f"  {name:<11} {budget_key(ratio):>4}: ppl {result.perplexity:9.3f} ({out[name][budget_key(ratio)]['increase_pct']:+.2f}%)"
+            )
     return out
 
 
@@ -116,11 +123,19 @@ def multiple_choice(model: torch.nn.Module, tokenizer: Any, args: argparse.Names
             record[name] = {}
             for ratio in args.budgets:
                 result = multiple_choice_accuracy(
-                    model, tokenizer, str(path), limit=args.mc_limit, decode_chunk=args.mc_chunk,
+                    model,
+                    tokenizer,
+                    str(path),
+                    limit=args.mc_limit,
+                    decode_chunk=args.mc_chunk,
                     cache_factory=cache_factory({**fields, "budget_ratio": ratio}),
                 )
                 agreement = statistics.fmean(a == b for a, b in zip(result.predictions, full.predictions))
-                record[name][budget_key(ratio)] = {"acc": result.acc, "acc_norm": result.acc_norm, "agreement": agreement}
+                record[name][budget_key(ratio)] = {
+                    "acc": result.acc,
+                    "acc_norm": result.acc_norm,
+                    "agreement": agreement,
+                }
         log(f"  {task}: full acc {full.acc:.3f}, prompt {record['prompt_tokens']:.0f} tokens")
         out[task] = record
     return out
@@ -130,11 +145,16 @@ def mc_summary(tasks: dict[str, Any], budgets: list[float]) -> dict[str, Any]:
     """Mean over tasks of acc and agreement, per policy and budget."""
 
     def mean(policy: str, key: str, budget: str | None) -> float:
-        return statistics.fmean((r[policy] if budget is None else r[policy][budget])[key] for r in tasks.values())
+        return statistics.fmean(
+            (r[policy] if budget is None else r[policy][budget])[key] for r in tasks.values()
+        )
 
     summary: dict[str, Any] = {FULL: {"acc": mean(FULL, "acc", None), "agreement": 1.0}}
     for name in POLICIES:
-        summary[name] = {budget_key(b): {key: mean(name, key, budget_key(b)) for key in ("acc", "agreement")} for b in budgets}
+        summary[name] = {
+            budget_key(b): {key: mean(name, key, budget_key(b)) for key in ("acc", "agreement")}
+            for b in budgets
+        }
     return summary
 
 
@@ -151,7 +171,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     panels = [(f"ppl +% ({source})", "perplexity", source) for source in PPL_SOURCES] + [
         ("MC agreement with full cache", "multiple_choice_summary", None)
     ]
-    fig, axes = plt.subplots(len(models), len(panels), figsize=(4.2 * len(panels), 3.3 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(models), len(panels), figsize=(4.2 * len(panels), 3.3 * len(models)), squeeze=False
+    )
     budgets = data["protocol"]["budgets"]
     for row, model in enumerate(models):
         for col, (title, section, source) in enumerate(panels):
@@ -183,23 +205,36 @@ def markdown(data: dict[str, Any]) -> str:
     lines = []
     for model, block in data["models"].items():
         for source, table in block.get("perplexity", {}).items():
-            lines += [f"**{model}, perplexity on {source}** (full cache {table[FULL]['perplexity']:.3f}; "
-                      "change under eviction, budget = % of the prompt)", "",
-                      "| policy | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+            lines += [
+                f"**{model}, perplexity on {source}** (full cache {table[FULL]['perplexity']:.3f}; "
+                "change under eviction, budget = % of the prompt)",
+                "",
+                "| policy | " + " | ".join(budgets) + " |",
+                "|---|" + "---:|" * len(budgets),
+            ]
             for name in POLICIES:
-                cells = [f"{table[name][b]['perplexity']:.2f} ({table[name][b]['increase_pct']:+.1f}%)" for b in budgets]
+                cells = [
+                    f"{table[name][b]['perplexity']:.2f} ({table[name][b]['increase_pct']:+.1f}%)"
+                    for b in budgets
+                ]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
         summary = block.get("multiple_choice_summary")
         if summary:
             tasks = block["multiple_choice"]
             sizes = ", ".join(f"{t} {r['prompt_tokens']:.0f}" for t, r in tasks.items())
-            lines += [f"**{model}, zero-shot multiple choice** (mean over {len(tasks)} tasks, "
-                      f"{data['protocol']['mc_limit']} examples each; full-cache accuracy {summary[FULL]['acc']:.3f}). "
-                      f"Cells: accuracy / agreement with the full cache's answers. Mean prompt tokens: {sizes}.", "",
-                      "| policy | " + " | ".join(budgets) + " |", "|---|" + "---:|" * len(budgets)]
+            lines += [
+                f"**{model}, zero-shot multiple choice** (mean over {len(tasks)} tasks, "
+                f"{data['protocol']['mc_limit']} examples each; full-cache accuracy {summary[FULL]['acc']:.3f}). "
+                f"Cells: accuracy / agreement with the full cache's answers. Mean prompt tokens: {sizes}.",
+                "",
+                "| policy | " + " | ".join(budgets) + " |",
+                "|---|" + "---:|" * len(budgets),
+            ]
             for name in POLICIES:
-                cells = [f"{summary[name][b]['acc']:.3f} / {summary[name][b]['agreement']:.2f}" for b in budgets]
+                cells = [
+                    f"{summary[name][b]['acc']:.3f} / {summary[name][b]['agreement']:.2f}" for b in budgets
+                ]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -207,17 +242,25 @@ def markdown(data: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="pycoder-8m,stories260K", help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument(
+        "--models", default="pycoder-8m,stories260K", help="comma-separated: " + ", ".join(MODELS)
+    )
     parser.add_argument("--budgets", default="0.1,0.2,0.5", help="cache budgets as fractions of the prompt")
     parser.add_argument("--windows", type=int, default=16, help="perplexity windows per source (one batch)")
     parser.add_argument("--prompt", type=int, default=384, help="prompt tokens per perplexity window")
     parser.add_argument("--continuation", type=int, default=64, help="decoded, scored tokens per window")
-    parser.add_argument("--chunk", type=int, default=1, help="continuation tokens per forward (1 = token by token)")
-    parser.add_argument("--mc-limit", type=int, default=20, help="examples per multiple-choice task (0 = skip)")
+    parser.add_argument(
+        "--chunk", type=int, default=1, help="continuation tokens per forward (1 = token by token)"
+    )
+    parser.add_argument(
+        "--mc-limit", type=int, default=20, help="examples per multiple-choice task (0 = skip)"
+    )
     parser.add_argument("--mc-chunk", type=int, default=64, help="choice tokens per forward after the prompt")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--render", action="store_true", help="only redraw the plot and tables from the JSON in --out")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the plot and tables from the JSON in --out"
+    )
     args = parser.parse_args()
     if args.render:
         data = json.loads((args.out / "a2sf_quality.json").read_text())
@@ -230,9 +273,18 @@ def main() -> None:
 
     data: dict[str, Any] = {
         "environment": environment(),
-        "protocol": {"budgets": args.budgets, "windows": args.windows, "prompt": args.prompt,
-                     "continuation": args.continuation, "chunk": args.chunk, "mc_limit": args.mc_limit, "mc_chunk": args.mc_chunk,
-                     "tasks": args.tasks, "policies": POLICIES, "window_seed": 0},
+        "protocol": {
+            "budgets": args.budgets,
+            "windows": args.windows,
+            "prompt": args.prompt,
+            "continuation": args.continuation,
+            "chunk": args.chunk,
+            "mc_limit": args.mc_limit,
+            "mc_chunk": args.mc_chunk,
+            "tasks": args.tasks,
+            "policies": POLICIES,
+            "window_seed": 0,
+        },
         "models": {},
     }
     for model_name in args.models.split(","):

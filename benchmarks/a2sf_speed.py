@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 from a2sf_common import MODELS, RESULTS, cache_factory, environment, log, single_thread, write_json
-
-from converter.conversion import load_model, load_tokenizer
-from converter.evaluation import speed_probe
+from slimformer.converter.conversion import load_model
+from slimformer.converter.evaluation import speed_probe
+from slimformer.converter.tokenizer import load_tokenizer
 
 PLAIN = "plain (DynamicCache)"
 
@@ -53,7 +53,9 @@ def cache_bytes(cache: Any) -> int:
 
 def held_after_decode(model: torch.nn.Module, context: int, new_tokens: int, factory: Any) -> dict[str, int]:
     """Prefill ``context`` tokens, decode ``new_tokens`` greedily; what the cache holds at the end."""
-    prompt = torch.randint(10, model.config.vocab_size - 10, (1, context), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(
+        10, model.config.vocab_size - 10, (1, context), generator=torch.Generator().manual_seed(0)
+    )
     with torch.inference_mode():
         out = model(input_ids=prompt, use_cache=True, **({"past_key_values": factory()} if factory else {}))
         cache = out.past_key_values
@@ -74,8 +76,12 @@ def plot(data: dict[str, Any], path: Path) -> None:
     styles = [("o", "-"), ("s", "--"), ("^", ":")]
     for (name, rows), (marker, dashes) in zip(data["results"].items(), styles):
         contexts = [row["context"] for row in rows]
-        left.plot(contexts, [row["decode_ms_per_token"] for row in rows], marker=marker, ls=dashes, label=name)
-        right.plot(contexts, [row["cache_bytes"] / 2**20 for row in rows], marker=marker, ls=dashes, label=name)
+        left.plot(
+            contexts, [row["decode_ms_per_token"] for row in rows], marker=marker, ls=dashes, label=name
+        )
+        right.plot(
+            contexts, [row["cache_bytes"] / 2**20 for row in rows], marker=marker, ls=dashes, label=name
+        )
     left.set(title=f"{data['model']}: decode time per token", xlabel="context (tokens)", ylabel="ms / token")
     right.set(title="KV cache held after decoding", xlabel="context (tokens)", ylabel="MiB")
     left.set_ylim(bottom=0)
@@ -92,11 +98,17 @@ def markdown(data: dict[str, Any]) -> str:
     contexts = [row["context"] for row in next(iter(data["results"].values()))]
     lines = ["| cache | " + " | ".join(f"L={c}" for c in contexts) + " |", "|---|" + "---:|" * len(contexts)]
     for name, rows in data["results"].items():
-        lines.append(f"| {name}: decode ms/token | " + " | ".join(f"{r['decode_ms_per_token']:.1f}" for r in rows) + " |")
+        lines.append(
+            f"| {name}: decode ms/token | "
+            + " | ".join(f"{r['decode_ms_per_token']:.1f}" for r in rows)
+            + " |"
+        )
     for name, rows in data["results"].items():
         lines.append(f"| {name}: prefill ms | " + " | ".join(f"{r['prefill_ms']:.0f}" for r in rows) + " |")
     for name, rows in data["results"].items():
-        lines.append(f"| {name}: KV held (KiB) | " + " | ".join(f"{r['cache_bytes'] / 1024:,.0f}" for r in rows) + " |")
+        lines.append(
+            f"| {name}: KV held (KiB) | " + " | ".join(f"{r['cache_bytes'] / 1024:,.0f}" for r in rows) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -108,7 +120,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--render", action="store_true", help="only redraw the plot and table from the JSON in --out")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the plot and table from the JSON in --out"
+    )
     args = parser.parse_args()
     if args.render:
         data = json.loads((args.out / "a2sf_speed.json").read_text())
@@ -125,17 +139,37 @@ def main() -> None:
     for context in contexts:
         for name, fields in caches(args.budget).items():
             factory = cache_factory(fields) if fields else None
-            speed = speed_probe(model, tokenizer, prompt_len=context, new_tokens=args.new_tokens,
-                                repeats=args.repeats, cache_factory=factory)
+            speed = speed_probe(
+                model,
+                tokenizer,
+                prompt_len=context,
+                new_tokens=args.new_tokens,
+                repeats=args.repeats,
+                cache_factory=factory,
+            )
             held = held_after_decode(model, context, args.new_tokens, factory)
-            row = {"context": context, "decode_ms_per_token": 1000 * speed.decode_s_per_token,
-                   "prefill_ms": 1000 * speed.prefill_s, "cache_bytes": held["bytes"],
-                   "cache_tokens_per_slot": held["tokens_per_slot"], "tokens_seen": held["tokens_seen"]}
+            row = {
+                "context": context,
+                "decode_ms_per_token": 1000 * speed.decode_s_per_token,
+                "prefill_ms": 1000 * speed.prefill_s,
+                "cache_bytes": held["bytes"],
+                "cache_tokens_per_slot": held["tokens_per_slot"],
+                "tokens_seen": held["tokens_seen"],
+            }
             results[name].append(row)
-            log(f"L={context:>5} {name:<28} decode {row['decode_ms_per_token']:6.2f} ms/token, prefill "
-                f"{row['prefill_ms']:7.1f} ms, cache {row['cache_bytes'] / 1024:8.1f} KiB ({row['cache_tokens_per_slot']} tokens/slot)")
-    data = {"environment": environment(), "model": args.model, "budget": args.budget, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "batch_size": 1, "results": results}
+            log(
+                f"L={context:>5} {name:<28} decode {row['decode_ms_per_token']:6.2f} ms/token, prefill "
+                f"{row['prefill_ms']:7.1f} ms, cache {row['cache_bytes'] / 1024:8.1f} KiB ({row['cache_tokens_per_slot']} tokens/slot)"
+            )
+    data = {
+        "environment": environment(),
+        "model": args.model,
+        "budget": args.budget,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "batch_size": 1,
+        "results": results,
+    }
     write_json(args.out / "a2sf_speed.json", data)
     plot(data, args.out / "a2sf_speed.png")
     print(markdown(data))

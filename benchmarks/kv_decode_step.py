@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from converter.conversion import load_model  # noqa: E402
-from converter.runtime.kv_cache import EvictingCache, returned_cache  # noqa: E402
+from slimformer.converter.conversion import load_model  # noqa: E402
+from slimformer.converter.runtime.kv_cache import EvictingCache, returned_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -79,12 +79,16 @@ def speed(model: torch.nn.Module, budgets: list[int], steps: int, repeats: int) 
     vocab = model.config.vocab_size
     rows = []
     for budget in budgets:
-        prompt = torch.randint(10, vocab - 10, (1, budget + 64), generator=torch.Generator().manual_seed(budget))
+        prompt = torch.randint(
+            10, vocab - 10, (1, budget + 64), generator=torch.Generator().manual_seed(budget)
+        )
         samples: dict[str, list[float]] = {"plain": [], **{name: [] for name in POLICIES}}
         for _ in range(repeats + 1):  # the first round warms up
             round_times = {"plain": step_times(model, prompt[:, :budget], None, steps)}
             for name, spec in POLICIES.items():
-                round_times[name] = step_times(model, prompt, EvictingCache({**spec, "budget": budget}), steps)
+                round_times[name] = step_times(
+                    model, prompt, EvictingCache({**spec, "budget": budget}), steps
+                )
             if _ > 0:
                 for name, times in round_times.items():
                     samples[name] += times
@@ -101,14 +105,18 @@ def speed(model: torch.nn.Module, budgets: list[int], steps: int, repeats: int) 
 
 def memory_curve(model: torch.nn.Module, budget: int, tokens: int) -> list[dict[str, float]]:
     cache = EvictingCache({"policy": "a2sf", "alpha": 0.5, "budget": budget})
-    prompt = torch.randint(10, model.config.vocab_size - 10, (1, 64), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(
+        10, model.config.vocab_size - 10, (1, 64), generator=torch.Generator().manual_seed(1)
+    )
     curve = []
     with torch.inference_mode():
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
         for step in range(1, tokens + 1):
             out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
             if step % 512 == 0:
-                curve.append({"generated": step, "rss_mib": round(rss_mib(), 1), "kept": max(cache.kept_lengths())})
+                curve.append(
+                    {"generated": step, "rss_mib": round(rss_mib(), 1), "kept": max(cache.kept_lengths())}
+                )
     return curve
 
 
@@ -118,7 +126,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="64,256,1024,4096")
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--long", type=int, default=8192, help="generated tokens for the memory curve (0: skip)")
+    parser.add_argument(
+        "--long", type=int, default=8192, help="generated tokens for the memory curve (0: skip)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "kv_decode_step.json")
     args = parser.parse_args()
     torch.set_num_threads(1)

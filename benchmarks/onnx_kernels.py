@@ -47,13 +47,12 @@ from typing import Any
 
 import numpy as np
 from a2sf_common import MODELS, RESULTS, environment, log, single_thread, write_json
-
-from converter.conversion import ConvertOptions, convert
-from converter.pipeline import PipelineSpec
-from exporters.native import find_library, register_cache_kernel
-from exporters.native.build import default_build_dir, read_manifest
-from exporters.onnx import OnnxExportOptions, export_onnx
-from exporters.onnx_runtime import CacheState, OnnxCausalLM
+from slimformer.converter.conversion import ConvertOptions, convert
+from slimformer.converter.pipeline import PipelineSpec
+from slimformer.exporters.native import find_library, register_cache_kernel
+from slimformer.exporters.native.build import default_build_dir, read_manifest
+from slimformer.exporters.onnx import OnnxExportOptions, export_onnx
+from slimformer.exporters.onnx_runtime import CacheState, OnnxCausalLM
 
 ALPHA = 0.5
 
@@ -276,8 +275,7 @@ def op_alone(
     of running an Identity model with the same feeds."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
-
-    from exporters import onnx_cache_op
+    from slimformer.exporters import onnx_cache_op
 
     types = [TensorProto.FLOAT] * 4 + [TensorProto.BOOL, TensorProto.FLOAT, TensorProto.INT64]
     inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(onnx_cache_op.INPUTS, types)]

@@ -44,12 +44,11 @@ from typing import Any
 import numpy as np
 import torch
 from a2sf_common import MODELS, RESULTS, cache_factory, environment, log, single_thread, write_json
-
-from converter.conversion import ConvertOptions, convert, load_model
-from converter.evaluation import speed_probe
-from converter.pipeline import PipelineSpec
-from exporters.onnx import OnnxExportOptions, export_onnx
-from exporters.onnx_runtime import OnnxCausalLM
+from slimformer.converter.conversion import ConvertOptions, convert, load_model
+from slimformer.converter.evaluation import speed_probe
+from slimformer.converter.pipeline import PipelineSpec
+from slimformer.exporters.onnx import OnnxExportOptions, export_onnx
+from slimformer.exporters.onnx_runtime import OnnxCausalLM
 
 MEMORY_PROMPT = 32
 
@@ -83,8 +82,14 @@ def speed_rows(ckpt: Path, plain: Path, evicting: Path, args: argparse.Namespace
     prompt = np.random.default_rng(0).integers(3, vocab, (1, args.prompt))
 
     def torch_run(factory: Any) -> tuple[float, float]:
-        result = speed_probe(model, prompt_len=args.prompt, new_tokens=args.new_tokens, repeats=1, warmup=0,
-                             cache_factory=factory).to_dict()
+        result = speed_probe(
+            model,
+            prompt_len=args.prompt,
+            new_tokens=args.new_tokens,
+            repeats=1,
+            warmup=0,
+            cache_factory=factory,
+        ).to_dict()
         return result["prefill_tokens_per_s"], result["decode_tokens_per_s"]
 
     def ort(directory: Path, policy: dict[str, Any] | None) -> Any:
@@ -106,9 +111,14 @@ def speed_rows(ckpt: Path, plain: Path, evicting: Path, args: argparse.Namespace
                 runs[key].append(result)
     rows = []
     for (runtime, cache), results in runs.items():
-        rows.append({"runtime": runtime, "cache": cache,
-                     "prefill_tokens_per_s": statistics.median(r[0] for r in results),
-                     "decode_tokens_per_s": statistics.median(r[1] for r in results)})
+        rows.append(
+            {
+                "runtime": runtime,
+                "cache": cache,
+                "prefill_tokens_per_s": statistics.median(r[0] for r in results),
+                "decode_tokens_per_s": statistics.median(r[1] for r in results),
+            }
+        )
         log(f"  {rows[-1]}")
     return rows
 
@@ -133,7 +143,9 @@ def probe_memory(spec: dict[str, Any]) -> dict[str, Any]:
             cache = _torch_decode(model, torch.from_numpy(prompt), spec["length"])
         cache_bytes = sum(
             value.numel() * value.element_size()
-            for layer in cache.layers for value in vars(layer).values() if isinstance(value, torch.Tensor)
+            for layer in cache.layers
+            for value in vars(layer).values()
+            if isinstance(value, torch.Tensor)
         )
         stored = max(layer.keys.shape[-2] for layer in cache.layers)
     return {"cache_bytes": cache_bytes, "cache_tokens_per_slot": stored, "peak_rss_growth_bytes": peak.growth}
@@ -144,7 +156,9 @@ def _torch_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int)
     with torch.inference_mode():
         out = model(input_ids=prompt, use_cache=True)
         for _ in range(new_tokens - 1):
-            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+            out = model(
+                input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True
+            )
     return out.past_key_values
 
 
@@ -191,11 +205,21 @@ def memory_rows(ckpt: Path, plain: Path, evicting: Path, args: argparse.Namespac
             ("torch", ckpt, a2sf(args.budget), f"A2SF budget {args.budget}"),
         ):
             spec = {"runtime": runtime, "path": str(path), "kv_cache": policy, "length": length}
-            child = subprocess.run([sys.executable, __file__, "--probe-memory", json.dumps(spec)],
-                                   capture_output=True, text=True, check=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--probe-memory", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(child.stdout.strip().splitlines()[-1])
-            rows.append({"runtime": "ONNX Runtime CPU" if runtime == "onnx" else "PyTorch", "cache": label,
-                         "generated": length, **result})
+            rows.append(
+                {
+                    "runtime": "ONNX Runtime CPU" if runtime == "onnx" else "PyTorch",
+                    "cache": label,
+                    "generated": length,
+                    **result,
+                }
+            )
             log(f"  {rows[-1]}")
     return rows
 
@@ -223,8 +247,10 @@ def tables(data: dict[str, Any]) -> str:
     ]
     for model, result in data["models"].items():
         for row in result["speed"]:
-            lines.append(f"| {model} | {row['runtime']} | {row['cache']} | {row['prefill_tokens_per_s']:,.0f} | "
-                         f"{row['decode_tokens_per_s']:,.0f} |")
+            lines.append(
+                f"| {model} | {row['runtime']} | {row['cache']} | {row['prefill_tokens_per_s']:,.0f} | "
+                f"{row['decode_tokens_per_s']:,.0f} |"
+            )
     lines += [
         "",
         f"Memory after a {MEMORY_PROMPT}-token prompt and N generated tokens (KV cache held at the end / growth of "
@@ -238,7 +264,8 @@ def tables(data: dict[str, Any]) -> str:
         for runtime, cache in keys:
             cells = [
                 f"{row['cache_bytes'] / 2**20:.2f} / {row['peak_rss_growth_bytes'] / 2**20:.1f}"
-                for n in data["lengths"] for row in result["memory"]
+                for n in data["lengths"]
+                for row in result["memory"]
                 if row["generated"] == n and (row["runtime"], row["cache"]) == (runtime, cache)
             ]
             lines.append(f"| {model} | {runtime} | {cache} | " + " | ".join(cells) + " |")
@@ -253,7 +280,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=int, default=64, help="A2SF token budget per cache slot")
     parser.add_argument("--lengths", default="256,1024,2048", help="generated lengths for the memory curve")
-    parser.add_argument("--work", type=Path, help="keep checkpoints and exports here (default: a temporary dir)")
+    parser.add_argument(
+        "--work", type=Path, help="keep checkpoints and exports here (default: a temporary dir)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx.json")
     parser.add_argument("--probe-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -262,8 +291,16 @@ def main() -> None:
         return
     args.lengths = [int(n) for n in args.lengths.split(",")]
     single_thread()
-    data = {"environment": environment(), "prompt": args.prompt, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "budget": args.budget, "lengths": args.lengths, "threads": 1, "models": {}}
+    data = {
+        "environment": environment(),
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "budget": args.budget,
+        "lengths": args.lengths,
+        "threads": 1,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)

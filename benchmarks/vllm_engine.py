@@ -163,13 +163,16 @@ def _throughput(llms: list[Any], job: dict[str, Any]) -> list[dict[str, Any]]:
             prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
         )
     seconds: list[list[float]] = [[] for _ in llms]
+    cpu_seconds: list[list[float]] = [[] for _ in llms]
     loads: list[list[float]] = [[] for _ in llms]
     generated = [0 for _ in llms]
     for _ in range(job.get("rounds", 3)):
         for i, llm in enumerate(llms):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             seconds[i].append(round(time.perf_counter() - start, 3))
+            # CPU time of this process (all its threads): what the round cost, whatever else the machine ran.
+            cpu_seconds[i].append(round(time.process_time() - cpu_start, 3))
             loads[i].append(round(os.getloadavg()[0], 2))  # other work on this machine during the round
             generated[i] = sum(len(output.outputs[0].token_ids) for output in outputs)
     return [
@@ -182,6 +185,8 @@ def _throughput(llms: list[Any], job: dict[str, Any]) -> list[dict[str, Any]]:
             "median_s": round(statistics.median(seconds[i]), 3),
             "tokens_per_s": round(generated[i] / statistics.median(seconds[i]), 1),
             "best_tokens_per_s": round(generated[i] / min(seconds[i]), 1),
+            "cpu_seconds": cpu_seconds[i],
+            "tokens_per_cpu_s": round(generated[i] / statistics.median(cpu_seconds[i]), 1),
         }
         for i in range(len(llms))
     ]

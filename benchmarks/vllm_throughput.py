@@ -7,7 +7,9 @@ both with ``slimformer export vllm``, and load both into one vLLM process (``ben
 ``--rounds`` timed rounds after a warm-up, alternating (original, dropped, original, dropped, ...) so that other
 work on this shared machine hits both alike. The speed-up is the median over rounds of the paired ratio
 (original round time / dropped round time); tokens/s are from the median round, and the best round is recorded
-too. vLLM's own KV-cache capacity (tokens, at ``VLLM_CPU_KVCACHE_SPACE`` GiB) is recorded for each. As a
+too, and so is the CPU time of each round. vLLM's worker threads are bound to one core (``--bind``): on a
+shared machine a neighbour on any core of a multi-thread worker stalls every OpenMP barrier, and round times
+swing tenfold. vLLM's own KV-cache capacity (tokens, at ``VLLM_CPU_KVCACHE_SPACE`` GiB) is recorded for each. As a
 correctness spot check, vLLM's greedy tokens for two prompts are compared with the slimformer runtime's.
 
 Prompts are 16 windows of 32 tokens of held-out text (pycode valid / WikiText-2 test). float32 (the CPU
@@ -35,11 +37,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from slimformer.converter.calibration import sample_windows  # noqa: E402
+from slimformer.converter.conversion import ConvertOptions, convert, load_model  # noqa: E402
+from slimformer.converter.pipeline import PassSpec, PipelineSpec  # noqa: E402
+from slimformer.converter.tokenizer import load_tokenizer  # noqa: E402
+from slimformer.exporters.vllm import export_vllm  # noqa: E402
+
 from benchmarks.smollm2 import smollm2_dir  # noqa: E402
-from converter.calibration import sample_windows  # noqa: E402
-from converter.conversion import ConvertOptions, convert, load_model, load_tokenizer  # noqa: E402
-from converter.pipeline import PassSpec, PipelineSpec  # noqa: E402
-from exporters.vllm import export_vllm  # noqa: E402
 
 SHARED = Path(os.environ.get("SLIMFORMER_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
@@ -101,6 +105,7 @@ def subjects(work: Path) -> list[dict[str, Any]]:
         found.append(
             {
                 "name": "SmolLM2-135M-Instruct",
+                "source": str(smollm2),
                 "path": readable_by_this_transformers(smollm2, work),
                 "drop": "attn:8",
                 "calib": str(DATA / "wikitext2" / "wiki.valid.tokens"),
@@ -163,6 +168,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--kv-space", default="1", help="VLLM_CPU_KVCACHE_SPACE in GiB")
     parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument(
+        "--bind",
+        default=str(max(os.sched_getaffinity(0))),
+        help="VLLM_CPU_OMP_THREADS_BIND: the cores vLLM's worker threads run on (default: one core, so that a "
+        "busy neighbour slows a round in proportion instead of stalling every OpenMP barrier); 'auto' for vLLM's own",
+    )
+    parser.add_argument("--models", help="comma-separated subset of: pycoder-8m, SmolLM2-135M-Instruct")
     args = parser.parse_args()
     if not VLLM_PYTHON.is_file():
         sys.exit(f"{VLLM_PYTHON} is absent: create it with .ci/setup_vllm.sh")
@@ -174,7 +186,10 @@ def main() -> None:
 
 def run(args: argparse.Namespace, work: Path) -> None:
     prepared = {}
+    wanted = set(args.models.split(",")) if args.models else None
     for subject in subjects(work):
+        if wanted is not None and subject["name"] not in wanted:
+            continue
         print(
             f"[vllm_throughput] converting and exporting {subject['name']} ...", file=sys.stderr, flush=True
         )
@@ -211,7 +226,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     started = time.perf_counter()
     done = subprocess.run(
         [str(VLLM_PYTHON), str(ENGINE_SCRIPT), str(job_file), str(result_file)],
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_space},
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_space, "VLLM_CPU_OMP_THREADS_BIND": args.bind},
         capture_output=True,
         text=True,
     )
@@ -229,7 +244,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
     results: dict[str, Any] = {}
     for name, (subject, data) in prepared.items():
         entry: dict[str, Any] = {
-            "source": str(subject["path"]),
+            "source": subject.get("source", str(subject["path"])),
             "drop": subject["drop"],
             "calibration": {"source": subject["calib"], "samples": args.calib_samples, "seq_len": 256},
         }
@@ -256,6 +271,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         entry["speedup_per_round"] = [round(ratio, 3) for ratio in pairs]
         entry["speedup"] = round(statistics.median(pairs), 3)
         entry["speedup_best_rounds"] = round(dropped["best_tokens_per_s"] / original["best_tokens_per_s"], 3)
+        entry["speedup_cpu_time"] = round(
+            statistics.median(
+                a / b for a, b in zip(original["cpu_seconds"], dropped["cpu_seconds"], strict=True)
+            ),
+            3,
+        )
         entry["kv_capacity_ratio"] = round(dropped["kv_cache_tokens"] / original["kv_cache_tokens"], 3)
         entry["attention_layer_ratio"] = round(original["attention_layers"] / dropped["attention_layers"], 3)
         results[name] = entry
@@ -273,6 +294,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "max_model_len": 512,
             "enforce_eager": True,
             "VLLM_CPU_KVCACHE_SPACE_GiB": float(args.kv_space),
+            "VLLM_CPU_OMP_THREADS_BIND": args.bind,
         },
         "environment": {
             "vllm": raw["vllm"],
@@ -295,18 +317,19 @@ def run(args: argparse.Namespace, work: Path) -> None:
 def table(output: dict[str, Any]) -> str:
     lines = [
         "| model | variant | attention layers | parameters | KV tokens (vLLM) | tok/s (median round) "
-        "| tok/s (best round) | speed-up | greedy = runtime |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| tok/s (best round) | tok/CPU-s | speed-up (wall) | speed-up (CPU time) | greedy = runtime |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, entry in output["results"].items():
         for label in ("original", "dropped"):
             row = entry[label]
             variant = "original" if label == "original" else f"--drop {entry['drop']}"
             speedup = "1.00x" if label == "original" else f"{entry['speedup']:.2f}x"
+            cpu_speedup = "1.00x" if label == "original" else f"{entry['speedup_cpu_time']:.2f}x"
             lines.append(
                 f"| {name} | {variant} | {row['attention_layers']} | {row['parameters']:,} | "
-                f"{row['kv_cache_tokens']:,} | {row['tokens_per_s']} | {row['best_tokens_per_s']} | {speedup} | "
-                f"{row['greedy_matches_runtime']} |"
+                f"{row['kv_cache_tokens']:,} | {row['tokens_per_s']} | {row['best_tokens_per_s']} | "
+                f"{row['tokens_per_cpu_s']} | {speedup} | {cpu_speedup} | {row['greedy_matches_runtime']} |"
             )
     return "\n".join(lines)
 

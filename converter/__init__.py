@@ -1,7 +1,8 @@
-"""slimformer: convert Hugging Face checkpoints into smaller, faster models, with the cost measured."""
+"""The checkpoint graph, the pass pipeline, calibration, evaluation, the report, the CLI and the runtime that
+converted checkpoints ship. The public API is :mod:`slimformer`."""
+
+from slimformer import __version__
 
 from .errors import SlimformerError
 
-__all__ = ["SlimformerError", "convert", "load_model"]
-__version__ = "0.2.0"
-from .conversion import convert, load_model
+__all__ = ["SlimformerError", "__version__"]

@@ -58,9 +58,13 @@ class LlamaFamily(Architecture):
     _layer = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
     # Simplified (SAS) layers add per-head shaped-attention gains, reparameterised value/projection maps and the
     # MLP branch gain (converter/runtime/sas.py).
-    _attention = re.compile(r"^(input_layernorm\.weight|self_attn\.[qkvo]_proj\.(?:weight|bias)|self_attn\.[qk]_norm\.weight"
-                            r"|self_attn\.shaped_(?:alpha|beta|gamma)|self_attn\.(?:value|proj)\.(?:alpha|beta|delta))$")
-    _mlp = re.compile(r"^(post_attention_layernorm\.weight|mlp\.(?:gate|up|down)_proj\.(?:weight|bias)|mlp_gain)$")
+    _attention = re.compile(
+        r"^(input_layernorm\.weight|self_attn\.[qkvo]_proj\.(?:weight|bias)|self_attn\.[qk]_norm\.weight"
+        r"|self_attn\.shaped_(?:alpha|beta|gamma)|self_attn\.(?:value|proj)\.(?:alpha|beta|delta))$"
+    )
+    _mlp = re.compile(
+        r"^(post_attention_layernorm\.weight|mlp\.(?:gate|up|down)_proj\.(?:weight|bias)|mlp_gain)$"
+    )
 
     def runtime_config(self, config: dict[str, Any]) -> dict[str, Any]:
         base = super().runtime_config(config)
@@ -136,8 +140,12 @@ class MistralFamily(LlamaFamily):
     model_types = ("mistral",)
 
     def optional_parts(self, config: dict[str, Any]) -> dict[str, Any]:
-        return {**super().optional_parts(config), "attention_bias": False, "attention_output_bias": False,
-                "sliding_window": config.get("sliding_window")}
+        return {
+            **super().optional_parts(config),
+            "attention_bias": False,
+            "attention_output_bias": False,
+            "sliding_window": config.get("sliding_window"),
+        }
 
 
 class Qwen2Family(LlamaFamily):
@@ -146,7 +154,12 @@ class Qwen2Family(LlamaFamily):
 
     def optional_parts(self, config: dict[str, Any]) -> dict[str, Any]:
         _refuse_sliding(config, self.family)
-        return {**super().optional_parts(config), "attention_bias": True, "attention_output_bias": False, "mlp_bias": False}
+        return {
+            **super().optional_parts(config),
+            "attention_bias": True,
+            "attention_output_bias": False,
+            "mlp_bias": False,
+        }
 
 
 class Qwen3Family(LlamaFamily):
@@ -164,9 +177,13 @@ class BertFamily(Architecture):
     family = "bert"
     model_types = ("bert",)
     kind = "encoder"
-    _embeddings = re.compile(r"^embeddings\.(?:(?:word|position|token_type)_embeddings\.weight|LayerNorm\.(?:weight|bias))$")
+    _embeddings = re.compile(
+        r"^embeddings\.(?:(?:word|position|token_type)_embeddings\.weight|LayerNorm\.(?:weight|bias))$"
+    )
     _layer = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-    _attention = re.compile(r"^attention\.(?:self\.(?:query|key|value)|output\.dense|output\.LayerNorm)\.(?:weight|bias)$")
+    _attention = re.compile(
+        r"^attention\.(?:self\.(?:query|key|value)|output\.dense|output\.LayerNorm)\.(?:weight|bias)$"
+    )
     _mlp = re.compile(r"^(?:intermediate\.dense|output\.dense|output\.LayerNorm)\.(?:weight|bias)$")
 
     def runtime_config(self, config: dict[str, Any]) -> dict[str, Any]:

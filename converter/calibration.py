@@ -45,7 +45,8 @@ def stdlib_files(split: str = "all") -> list[Path]:
     """The standard library's ``.py`` files (no tests, no site-packages), optionally one split of them."""
     if split not in STDLIB_SPLITS:
         raise SlimformerError(
-            f"unknown stdlib split {split!r}", fix=f"use one of {', '.join('stdlib:' + s for s in STDLIB_SPLITS)}"
+            f"unknown stdlib split {split!r}",
+            fix=f"use one of {', '.join('stdlib:' + s for s in STDLIB_SPLITS)}",
         )
     root = stdlib_root()
     files = []
@@ -76,7 +77,9 @@ def local_source_path(spec: str) -> Path | None:
 
 def source_files(path: Path) -> list[Path]:
     """The files a local source reads, in reading order: the file itself, or a directory's text files."""
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+    return (
+        [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+    )
 
 
 def source_digest(path: Path) -> str:
@@ -98,16 +101,22 @@ def check_source(spec: str, *, flag: str = "--calib") -> None:
     if spec == "stdlib" or spec.startswith("stdlib:"):
         split = spec.split(":", 1)[1] if ":" in spec else "all"
         if split not in STDLIB_SPLITS:
-            raise SlimformerError(f"unknown stdlib split {split!r} in {flag} {spec}",
-                                  fix=f"use one of {', '.join('stdlib:' + s for s in STDLIB_SPLITS)}")
+            raise SlimformerError(
+                f"unknown stdlib split {split!r} in {flag} {spec}",
+                fix=f"use one of {', '.join('stdlib:' + s for s in STDLIB_SPLITS)}",
+            )
         return
     if spec.startswith("hf:"):
         if not spec[3:].split(":")[0]:
-            raise SlimformerError(f"malformed Hub dataset spec {spec!r} in {flag}",
-                                  fix="write hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+            raise SlimformerError(
+                f"malformed Hub dataset spec {spec!r} in {flag}",
+                fix="write hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test",
+            )
         if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise SlimformerError(f"Hub dataset {spec!r} requested while offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)",
-                                  fix="use a local file or 'stdlib', or unset the offline variable")
+            raise SlimformerError(
+                f"Hub dataset {spec!r} requested while offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)",
+                fix="use a local file or 'stdlib', or unset the offline variable",
+            )
         return
     path = Path(spec).expanduser()
     if not path.exists():
@@ -116,12 +125,18 @@ def check_source(spec: str, *, flag: str = "--calib") -> None:
             fix="give a text/jsonl/gzip file, a directory of them, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'",
         )
     if not source_files(path):
-        raise SlimformerError(f"{flag} directory holds no text files", where=str(path),
-                              fix=f"put files ending in {', '.join(TEXT_SUFFIXES)} (or .gz) there")
+        raise SlimformerError(
+            f"{flag} directory holds no text files",
+            where=str(path),
+            fix=f"put files ending in {', '.join(TEXT_SUFFIXES)} (or .gz) there",
+        )
     unreadable = [file for file in source_files(path) if not os.access(file, os.R_OK)]
     if unreadable:
-        raise SlimformerError(f"{flag} source cannot be read (permission denied)", where=str(unreadable[0]),
-                              fix="make the file readable (chmod u+r) or choose another source")
+        raise SlimformerError(
+            f"{flag} source cannot be read (permission denied)",
+            where=str(unreadable[0]),
+            fix="make the file readable (chmod u+r) or choose another source",
+        )
 
 
 def iter_documents(spec: str) -> Iterator[str]:
@@ -145,7 +160,9 @@ def iter_documents(spec: str) -> Iterator[str]:
     files = source_files(path)
     if not files:
         raise SlimformerError(
-            "directory holds no text files", where=str(path), fix=f"put files ending in {', '.join(TEXT_SUFFIXES)} (or .gz) there"
+            "directory holds no text files",
+            where=str(path),
+            fix=f"put files ending in {', '.join(TEXT_SUFFIXES)} (or .gz) there",
         )
     for file in files:
         yield from _file_documents(file)
@@ -164,7 +181,11 @@ def _file_documents(path: Path) -> Iterator[str]:
         else:
             text = path.read_text(encoding="utf-8", errors="replace")
     except (OSError, EOFError) as exc:
-        raise SlimformerError(f"cannot read text source: {exc}", where=str(path), fix="check the file is readable and not truncated") from exc
+        raise SlimformerError(
+            f"cannot read text source: {exc}",
+            where=str(path),
+            fix="check the file is readable and not truncated",
+        ) from exc
     stem = path.name[:-3] if path.name.endswith(".gz") else path.name
     if stem.endswith(".jsonl"):
         for line_number, line in enumerate(text.splitlines(), 1):
@@ -174,12 +195,16 @@ def _file_documents(path: Path) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SlimformerError(
-                    f"invalid JSON on line {line_number}", where=str(path), fix="each line must be a JSON object with a 'text' field"
+                    f"invalid JSON on line {line_number}",
+                    where=str(path),
+                    fix="each line must be a JSON object with a 'text' field",
                 ) from exc
             doc = record.get("text") if isinstance(record, dict) else None
             if not isinstance(doc, str):
                 raise SlimformerError(
-                    f"line {line_number} has no string 'text' field", where=str(path), fix="each line must be a JSON object with a 'text' field"
+                    f"line {line_number} has no string 'text' field",
+                    where=str(path),
+                    fix="each line must be a JSON object with a 'text' field",
                 )
             if doc.strip():
                 yield doc
@@ -192,7 +217,10 @@ def _file_documents(path: Path) -> Iterator[str]:
 def _hub_documents(spec: str) -> Iterator[str]:
     parts = spec[3:].split(":")
     if not parts[0]:
-        raise SlimformerError(f"malformed Hub dataset spec {spec!r}", fix="write hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test")
+        raise SlimformerError(
+            f"malformed Hub dataset spec {spec!r}",
+            fix="write hf:NAME[:CONFIG][:SPLIT], e.g. hf:wikitext:wikitext-2-raw-v1:test",
+        )
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "validation"
@@ -204,7 +232,9 @@ def _hub_documents(spec: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError as exc:
-        raise SlimformerError("Hub datasets need the 'datasets' package", fix="pip install 'slimformer[hub]'") from exc
+        raise SlimformerError(
+            "Hub datasets need the 'datasets' package", fix="pip install 'slimformer[hub]'"
+        ) from exc
     try:
         dataset = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # network errors, unknown names and bad splits all surface here
@@ -213,7 +243,10 @@ def _hub_documents(spec: str) -> Iterator[str]:
             fix="check the name and that the machine is online, or use a local file or 'stdlib'",
         ) from exc
     if "text" not in dataset.column_names:
-        raise SlimformerError(f"Hub dataset {name!r} has no 'text' column (columns: {dataset.column_names})", fix="choose a text dataset")
+        raise SlimformerError(
+            f"Hub dataset {name!r} has no 'text' column (columns: {dataset.column_names})",
+            fix="choose a text dataset",
+        )
     for doc in dataset["text"]:
         if doc and doc.strip():
             yield doc
@@ -256,7 +289,10 @@ def sample_windows(tokenizer, spec: str, n: int, seq_len: int, seed: int = 0) ->
     so a large source is never tokenised whole.
     """
     if n <= 0 or seq_len <= 1:
-        raise SlimformerError(f"need at least 1 window of at least 2 tokens (got n={n}, seq_len={seq_len})", fix="raise --calib-samples / --calib-seq-len")
+        raise SlimformerError(
+            f"need at least 1 window of at least 2 tokens (got n={n}, seq_len={seq_len})",
+            fix="raise --calib-samples / --calib-seq-len",
+        )
     docs = list(iter_documents(spec)) if not (spec == "stdlib" or spec.startswith("stdlib:")) else None
     if docs is None:
         split = spec.split(":", 1)[1] if ":" in spec else "all"

@@ -43,8 +43,12 @@ def parse_options(text: str, flag: str) -> dict[str, Any]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SlimformerError(f"malformed {flag} item {item!r}", fix=f"write {flag} key=value[,key=value...]")
-        options[key.strip().replace("-", "_")] = _coerce(value.strip())  # one spelling: heal-steps is heal_steps
+            raise SlimformerError(
+                f"malformed {flag} item {item!r}", fix=f"write {flag} key=value[,key=value...]"
+            )
+        options[key.strip().replace("-", "_")] = _coerce(
+            value.strip()
+        )  # one spelling: heal-steps is heal_steps
     return options
 
 
@@ -52,22 +56,33 @@ class PassOptionsCommand(click.Command):
     """``convert``: its help ends with every pass's option keys, defaults and meanings, read from the pass
     config dataclasses when help is asked for (so it cannot drift, and plain runs do not import the passes)."""
 
-    FLAGS = {"layer_drop": "--drop KIND:N, --iterative, --max-ppl-increase PCT, --streaming",
-             "sas": "--sas key=value,...", "a2sf": "--a2sf key=value,..."}
+    FLAGS = {
+        "layer_drop": "--drop KIND:N, --iterative, --max-ppl-increase PCT, --streaming",
+        "sas": "--sas key=value,...",
+        "a2sf": "--a2sf key=value,...",
+    }
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from .pipeline import available_passes, option_rows
 
         super().format_epilog(ctx, formatter)
         formatter.write_paragraph()
-        formatter.write_text("Pass options: --sas and --a2sf take key=value[,key=value...]; a pipeline file's [[passes]] "
-                             "table takes the same keys. Keys are written with '_' ('heal-steps' is read as "
-                             "'heal_steps').")
-        for name, cls in sorted(available_passes().items(), key=lambda item: list(self.FLAGS).index(item[0])
-                                if item[0] in self.FLAGS else len(self.FLAGS)):
+        formatter.write_text(
+            "Pass options: --sas and --a2sf take key=value[,key=value...]; a pipeline file's [[passes]] "
+            "table takes the same keys. Keys are written with '_' ('heal-steps' is read as "
+            "'heal_steps')."
+        )
+        for name, cls in sorted(
+            available_passes().items(),
+            key=lambda item: list(self.FLAGS).index(item[0]) if item[0] in self.FLAGS else len(self.FLAGS),
+        ):
             with formatter.section(f"{name} ({self.FLAGS.get(name, 'pipeline file only')})"):
-                formatter.write_dl([(key, f"{meaning} (default: {default})")
-                                    for key, default, meaning in option_rows(cls.config_class)])
+                formatter.write_dl(
+                    [
+                        (key, f"{meaning} (default: {default})")
+                        for key, default, meaning in option_rows(cls.config_class)
+                    ]
+                )
 
 
 def _coerce(value: str) -> Any:
@@ -92,12 +107,18 @@ def _kv_cache_override(a2sf: str | None) -> dict[str, Any] | None:
     try:
         return CachePolicy.parse(a2sf).to_dict()
     except ValueError as exc:
-        raise SlimformerError(f"bad --a2sf value: {exc}", fix="e.g. --a2sf budget=256,alpha=0.5,recent=32,sink=4") from exc
+        raise SlimformerError(
+            f"bad --a2sf value: {exc}", fix="e.g. --a2sf budget=256,alpha=0.5,recent=32,sink=4"
+        ) from exc
 
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="slimformer")
-@click.option("--debug", is_flag=True, help="On failure, print the traceback too (for bug reports; or SLIMFORMER_DEBUG=1).")
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="On failure, print the traceback too (for bug reports; or SLIMFORMER_DEBUG=1).",
+)
 def cli(debug: bool) -> None:
     """slimformer: convert Hugging Face checkpoints into smaller, faster models, with the cost measured.
 
@@ -117,25 +138,63 @@ def cli(debug: bool) -> None:
 
 @cli.command(context_settings=CONTEXT, cls=PassOptionsCommand)
 @click.argument("source")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
-@click.option("--pipeline", "pipeline_file", type=click.Path(path_type=Path), help="Pipeline spec (TOML or YAML) to run or replay.")
-@click.option("--calib", multiple=True, help="Calibration source: file, directory, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'. "
-              "Repeatable. Default: stdlib:train (Python source code; a pass that calibrates says so on stderr).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (must not exist unless --overwrite).",
+)
+@click.option(
+    "--pipeline",
+    "pipeline_file",
+    type=click.Path(path_type=Path),
+    help="Pipeline spec (TOML or YAML) to run or replay.",
+)
+@click.option(
+    "--calib",
+    multiple=True,
+    help="Calibration source: file, directory, 'stdlib[:train|:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'. "
+    "Repeatable. Default: stdlib:train (Python source code; a pass that calibrates says so on stderr).",
+)
 @click.option("--calib-samples", type=int, help="Number of calibration windows (default 32).")
 @click.option("--calib-seq-len", type=int, help="Tokens per calibration window (default 256).")
 @click.option("--calib-seed", type=int, help="Seed for choosing calibration windows (default 0).")
-@click.option("--eval-ppl", "--ppl", "eval_ppl", help="Measure perplexity before and after on this source (file, directory, "
-              "'stdlib[:valid]', 'hf:...'); --ppl is the same flag, as in `slimformer eval`.")
+@click.option(
+    "--eval-ppl",
+    "--ppl",
+    "eval_ppl",
+    help="Measure perplexity before and after on this source (file, directory, "
+    "'stdlib[:valid]', 'hf:...'); --ppl is the same flag, as in `slimformer eval`.",
+)
 @click.option("--window", type=int, help=WINDOW_HELP.rstrip(".") + " (default 256).")
 @click.option("--max-tokens", type=int, help=MAX_TOKENS_HELP.rstrip(".") + " (default 16384).")
-@click.option("--drop", help="Layer drop: attn:N, mlp:N, block:N or joint:N (N a count, or a ratio like 0.25).")
+@click.option(
+    "--drop", help="Layer drop: attn:N, mlp:N, block:N or joint:N (N a count, or a ratio like 0.25)."
+)
 @click.option("--iterative", is_flag=True, default=None, help="Layer drop: re-score after each removal.")
-@click.option("--max-ppl-increase", type=float, help="Layer drop: drop while --eval-ppl perplexity rises at most PCT percent.")
-@click.option("--streaming", is_flag=True, default=None,
-              help="Layer drop: score one block at a time (one block's weights in memory), for models larger than RAM.")
+@click.option(
+    "--max-ppl-increase",
+    type=float,
+    help="Layer drop: drop while --eval-ppl perplexity rises at most PCT percent.",
+)
+@click.option(
+    "--streaming",
+    is_flag=True,
+    default=None,
+    help="Layer drop: score one block at a time (one block's weights in memory), for models larger than RAM.",
+)
 @click.option("--sas", help="SAS conversion, e.g. layers=2,heal_steps=200 (every key: 'sas' below).")
-@click.option("--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (every key: 'a2sf' below).")
-@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP + " Calibration, evaluation and healing run there.")
+@click.option(
+    "--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (every key: 'a2sf' below)."
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help=DEVICE_HELP + " Calibration, evaluation and healing run there.",
+)
 @click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
 @click.option("--save-dtype", help="Precision of the written weights (default: unchanged).")
 @click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s before and after.")
@@ -143,11 +202,32 @@ def cli(debug: bool) -> None:
 @click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " (The summary still prints.)")
-def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str, ...], calib_samples: int | None,
-            calib_seq_len: int | None, calib_seed: int | None, eval_ppl: str | None, window: int | None,
-            max_tokens: int | None, drop: str | None, iterative: bool | None,
-            max_ppl_increase: float | None, streaming: bool | None, sas: str | None, a2sf: str | None, device: str, dtype: str,
-            save_dtype: str | None, speed: bool, allow_pickle: bool, trust_remote_code: bool, overwrite: bool, quiet: bool) -> None:
+def convert(
+    source: str,
+    out: Path,
+    pipeline_file: Path | None,
+    calib: tuple[str, ...],
+    calib_samples: int | None,
+    calib_seq_len: int | None,
+    calib_seed: int | None,
+    eval_ppl: str | None,
+    window: int | None,
+    max_tokens: int | None,
+    drop: str | None,
+    iterative: bool | None,
+    max_ppl_increase: float | None,
+    streaming: bool | None,
+    sas: str | None,
+    a2sf: str | None,
+    device: str,
+    dtype: str,
+    save_dtype: str | None,
+    speed: bool,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Convert SOURCE (a local directory or Hub id) into a smaller checkpoint in OUT, with a report.
 
     Every option, pass option and the passes' effect on each other (e.g. layers left for --sas after --drop)
@@ -181,11 +261,15 @@ def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str
         if value is not None:
             setattr(spec.evaluation, name, value)
     if (window is not None or max_tokens is not None) and not spec.evaluation.ppl:
-        raise SlimformerError("--window and --max-tokens set the perplexity evaluation, and none was asked for",
-                              fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid), or drop them")
+        raise SlimformerError(
+            "--window and --max-tokens set the perplexity evaluation, and none was asked for",
+            fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid), or drop them",
+        )
     if streaming and not drop and max_ppl_increase is None:
-        raise SlimformerError("--streaming applies to layer-drop scoring, and no layer drop was asked for",
-                              fix="add --drop attn:N (or mlp:N, block:N, joint:N, or --max-ppl-increase PCT)")
+        raise SlimformerError(
+            "--streaming applies to layer-drop scoring, and no layer drop was asked for",
+            fix="add --drop attn:N (or mlp:N, block:N, joint:N, or --max-ppl-increase PCT)",
+        )
     if drop or iterative or max_ppl_increase is not None:
         params: dict[str, Any] = {"drop": drop} if drop else {}
         for flag, value in (("iterative", iterative), ("streaming", streaming)):
@@ -198,8 +282,16 @@ def convert(source: str, out: Path, pipeline_file: Path | None, calib: tuple[str
         spec.passes.append(PassSpec("sas", parse_options(sas, "--sas")))
     if a2sf:
         spec.passes.append(PassSpec("a2sf", parse_options(a2sf, "--a2sf")))
-    options = ConvertOptions(device=device, dtype=dtype, save_dtype=save_dtype, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code, overwrite=overwrite, quiet=quiet, measure_speed=speed)
+    options = ConvertOptions(
+        device=device,
+        dtype=dtype,
+        save_dtype=save_dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+        quiet=quiet,
+        measure_speed=speed,
+    )
     report = run_convert(source, out, spec, options)
     click.echo(render_summary(report))  # a result, so -q keeps it; the full report is `slimformer report OUT`
 
@@ -246,26 +338,60 @@ def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("source")
-@click.option("--calib", multiple=True, required=True, help="Calibration source (file, directory, stdlib[:train|:valid], hf:...). Repeat to compare sources.")
+@click.option(
+    "--calib",
+    multiple=True,
+    required=True,
+    help="Calibration source (file, directory, stdlib[:train|:valid], hf:...). Repeat to compare sources.",
+)
 @click.option("--calib-samples", default=32, show_default=True, help="Calibration windows per source.")
 @click.option("--calib-seq-len", default=256, show_default=True, help="Tokens per calibration window.")
 @click.option("--calib-seed", default=0, show_default=True, help="Seed for choosing calibration windows.")
-@click.option("--metric", type=click.Choice(["cosine", "angular"]), default="cosine", show_default=True,
-              help="1 - cos(X, Y) (LLM-Drop) or the angular distance arccos(cos)/pi.")
-@click.option("--compare", type=click.Choice(["residual", "norm_output"]), default="residual", show_default=True,
-              help="residual: X before the norm vs X + f(norm X) (LLM-Drop); norm_output: norm(X) vs f(norm X).")
-@click.option("--drop", help="Drop spec whose drop set is compared across sources (default: a quarter of each kind).")
+@click.option(
+    "--metric",
+    type=click.Choice(["cosine", "angular"]),
+    default="cosine",
+    show_default=True,
+    help="1 - cos(X, Y) (LLM-Drop) or the angular distance arccos(cos)/pi.",
+)
+@click.option(
+    "--compare",
+    type=click.Choice(["residual", "norm_output"]),
+    default="residual",
+    show_default=True,
+    help="residual: X before the norm vs X + f(norm X) (LLM-Drop); norm_output: norm(X) vs f(norm X).",
+)
+@click.option(
+    "--drop", help="Drop spec whose drop set is compared across sources (default: a quarter of each kind)."
+)
 @click.option("--streaming", is_flag=True, help="Score one layer at a time (one block's weights in memory).")
 @click.option("--batch-size", default=8, show_default=True, help="Calibration windows per forward.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON to this file.")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON to this file."
+)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
-def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len: int, calib_seed: int, metric: str,
-          compare: str, drop: str | None, streaming: bool, batch_size: int, json_path: Path | None, device: str, dtype: str,
-          allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
+def score(
+    source: str,
+    calib: tuple[str, ...],
+    calib_samples: int,
+    calib_seq_len: int,
+    calib_seed: int,
+    metric: str,
+    compare: str,
+    drop: str | None,
+    streaming: bool,
+    batch_size: int,
+    json_path: Path | None,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    quiet: bool,
+) -> None:
     """Print the per-layer importance of attention, MLP and blocks of SOURCE, without converting.
 
     \b
@@ -277,28 +403,39 @@ def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len
       slimformer score ../shared/models/stories260K --calib ../shared/data/wikitext2/wiki.valid.tokens
       slimformer score ./my-llama --calib stdlib:train --calib wiki.txt --drop attn:4 --json scores.json
     """
-    from passes.layer_drop import DropSpec, stability_of
+    from slimformer.passes.layer_drop.drop import DropSpec, stability_of
+    from slimformer.passes.layer_drop.importance import format_table, rank_modules, score_graph
 
     from .calibration import sample_windows
-    from .conversion import check_device, load_tokenizer, parse_dtype
+    from .conversion import check_device, parse_dtype
     from .graph import load_graph
-    from .importance import format_table, rank_modules, score_graph
     from .source import resolve_source
+    from .tokenizer import load_tokenizer
 
     src = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     graph = load_graph(src)
     tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
-        raise SlimformerError("scoring needs calibration text, but the checkpoint has no tokenizer", where=source,
-                              fix="add tokenizer files (tokenizer.json / tokenizer_config.json)")
+        raise SlimformerError(
+            "scoring needs calibration text, but the checkpoint has no tokenizer",
+            where=source,
+            fix="add tokenizer files (tokenizer.json / tokenizer_config.json)",
+        )
     device, torch_dtype = check_device(device), parse_dtype(dtype)
     specs = [drop] if drop else [f"{kind}:0.25" for kind in ("attn", "mlp", "block", "joint")]
     for text in specs:
-        DropSpec.parse(text).resolve(graph, text)  # a bad spec, or one asking for too many, fails before scoring
-    for name, value, least in (("--calib-samples", calib_samples, 1), ("--calib-seq-len", calib_seq_len, 2),
-                               ("--batch-size", batch_size, 1)):
+        DropSpec.parse(text).resolve(
+            graph, text
+        )  # a bad spec, or one asking for too many, fails before scoring
+    for name, value, least in (
+        ("--calib-samples", calib_samples, 1),
+        ("--calib-seq-len", calib_seq_len, 2),
+        ("--batch-size", batch_size, 1),
+    ):
         if value < least:
-            raise SlimformerError(f"{name} must be at least {least} (got {value})", fix=f"e.g. {name} {max(least, 8)}")
+            raise SlimformerError(
+                f"{name} must be at least {least} (got {value})", fix=f"e.g. {name} {max(least, 8)}"
+            )
     from .calibration import check_source
 
     for spec in calib:
@@ -307,8 +444,18 @@ def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len
     scores = {}
     for spec in calib:
         windows = sample_windows(tokenizer, spec, calib_samples, calib_seq_len, calib_seed)
-        scores[spec] = score_graph(graph, windows, streaming=streaming, metric=metric, compare=compare,
-                                   batch_size=batch_size, device=device, dtype=torch_dtype, progress=not quiet, source=spec)
+        scores[spec] = score_graph(
+            graph,
+            windows,
+            streaming=streaming,
+            metric=metric,
+            compare=compare,
+            batch_size=batch_size,
+            device=device,
+            dtype=torch_dtype,
+            progress=not quiet,
+            source=spec,
+        )
     first_spec = DropSpec.parse(specs[0])
     n_first = first_spec.resolve(graph, specs[0])
     for result in scores.values():
@@ -325,10 +472,14 @@ def score(source: str, calib: tuple[str, ...], calib_samples: int, calib_seq_len
         if item.warning():
             click.echo(f"warning: {item.warning()}", err=True)
     if json_path:
-        data = {"source": source, "family": graph.family, "num_layers": len(graph.blocks),
-                "calibration": {"samples": calib_samples, "seq_len": calib_seq_len, "seed": calib_seed},
-                "scores": {spec: result.to_dict() for spec, result in scores.items()},
-                "stability": [item.to_dict() for item in stability]}
+        data = {
+            "source": source,
+            "family": graph.family,
+            "num_layers": len(graph.blocks),
+            "calibration": {"samples": calib_samples, "seq_len": calib_seq_len, "seed": calib_seed},
+            "scores": {spec: result.to_dict() for spec, result in scores.items()},
+            "stability": [item.to_dict() for item in stability],
+        }
         json_path.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -340,16 +491,25 @@ def _check_json_path(path: Path | None) -> None:
         return
     parent = path.expanduser().absolute().parent
     if path.is_dir():
-        raise SlimformerError("--json names a directory", where=str(path), fix="give a file path, e.g. --json result.json")
+        raise SlimformerError(
+            "--json names a directory", where=str(path), fix="give a file path, e.g. --json result.json"
+        )
     if not parent.is_dir():
-        raise SlimformerError("the directory for --json does not exist", where=str(parent), fix="create it, or choose another path")
+        raise SlimformerError(
+            "the directory for --json does not exist",
+            where=str(parent),
+            fix="create it, or choose another path",
+        )
     try:  # a real probe: os.access() says yes to root on read-only file systems
         handle, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise SlimformerError(f"cannot write --json there ({exc.strerror})", where=str(parent),
-                              fix="choose a writable location for --json") from exc
+        raise SlimformerError(
+            f"cannot write --json there ({exc.strerror})",
+            where=str(parent),
+            fix="choose a writable location for --json",
+        ) from exc
 
 
 def _require_decoder(ckpt: str, allow_pickle: bool, trust_remote_code: bool, command: str) -> None:
@@ -357,42 +517,90 @@ def _require_decoder(ckpt: str, allow_pickle: bool, trust_remote_code: bool, com
     from .graph import load_graph
     from .source import resolve_source
 
-    if load_graph(resolve_source(ckpt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)).is_encoder:
-        raise SlimformerError(f"{command} needs a causal language model; this checkpoint is an encoder", where=ckpt,
-                              fix="use a decoder checkpoint (llama, mistral, qwen2, qwen3)")
+    if load_graph(
+        resolve_source(ckpt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    ).is_encoder:
+        raise SlimformerError(
+            f"{command} needs a causal language model; this checkpoint is an encoder",
+            where=ckpt,
+            fix="use a decoder checkpoint (llama, mistral, qwen2, qwen3)",
+        )
 
 
 def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bool, trust_remote_code: bool):
-    from .conversion import load_model, load_tokenizer
+    from .conversion import load_model
     from .source import resolve_source
+    from .tokenizer import load_tokenizer
 
-    model = load_model(ckpt, device=device, dtype=dtype, kv_cache=_kv_cache_override(a2sf),
-                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(resolve_source(ckpt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code).path,
-                               trust_remote_code=trust_remote_code)
+    model = load_model(
+        ckpt,
+        device=device,
+        dtype=dtype,
+        kv_cache=_kv_cache_override(a2sf),
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer = load_tokenizer(
+        resolve_source(ckpt, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code).path,
+        trust_remote_code=trust_remote_code,
+    )
     if tokenizer is None:
-        raise SlimformerError("checkpoint has no tokenizer files", where=ckpt, fix="add tokenizer.json / tokenizer_config.json")
+        raise SlimformerError(
+            "checkpoint has no tokenizer files", where=ckpt, fix="add tokenizer.json / tokenizer_config.json"
+        )
     return model, tokenizer
 
 
 @cli.command("eval", context_settings=CONTEXT)
 @click.argument("ckpt")
-@click.option("--ppl", "--eval-ppl", "ppl_source", required=True, help=PPL_HELP + " --eval-ppl is the same flag, as in convert.")
+@click.option(
+    "--ppl",
+    "--eval-ppl",
+    "ppl_source",
+    required=True,
+    help=PPL_HELP + " --eval-ppl is the same flag, as in convert.",
+)
 @click.option("--window", default=256, show_default=True, help=WINDOW_HELP)
 @click.option("--stride", type=int, help="Advance between windows (default: window, i.e. disjoint windows).")
 @click.option("--max-tokens", default=16384, show_default=True, help=MAX_TOKENS_HELP)
-@click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5 (policy=none: full cache).")
-@click.option("--continuation", type=int, help="Under eviction: tokens decoded and scored at the end of each window (default: window/4).")
-@click.option("--chunk", type=int, help="Under eviction: continuation tokens fed per forward (default 1: token by token).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file.")
+@click.option(
+    "--a2sf",
+    help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5 (policy=none: full cache).",
+)
+@click.option(
+    "--continuation",
+    type=int,
+    help="Under eviction: tokens decoded and scored at the end of each window (default: window/4).",
+)
+@click.option(
+    "--chunk",
+    type=int,
+    help="Under eviction: continuation tokens fed per forward (default 1: token by token).",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file."
+)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
-def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, max_tokens: int, a2sf: str | None,
-                 continuation: int | None, chunk: int | None, json_path: Path | None, device: str, dtype: str,
-                 allow_pickle: bool, trust_remote_code: bool, quiet: bool) -> None:
+def eval_command(
+    ckpt: str,
+    ppl_source: str,
+    window: int,
+    stride: int | None,
+    max_tokens: int,
+    a2sf: str | None,
+    continuation: int | None,
+    chunk: int | None,
+    json_path: Path | None,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    quiet: bool,
+) -> None:
     """Measure perplexity of CKPT (converted or original) and print `perplexity: <value>`.
 
     \b
@@ -419,53 +627,85 @@ def eval_command(ckpt: str, ppl_source: str, window: int, stride: int | None, ma
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
     policy = _active_policy(model, ckpt)
     if policy is None and continuation is None and chunk is None:
-        result = perplexity(model, tokenizer, ppl_source, window=window, stride=stride, max_tokens=max_tokens,
-                            progress=not quiet)
+        result = perplexity(
+            model,
+            tokenizer,
+            ppl_source,
+            window=window,
+            stride=stride,
+            max_tokens=max_tokens,
+            progress=not quiet,
+        )
         click.echo(f"perplexity: {result.perplexity:.4f}")
         record = {"checkpoint": ckpt, **result.to_dict()}
     else:
         if stride is not None:
-            raise SlimformerError("--stride does not apply to perplexity under KV-cache eviction (windows are disjoint)",
-                                  fix="drop --stride, or measure the full cache with --a2sf policy=none")
+            raise SlimformerError(
+                "--stride does not apply to perplexity under KV-cache eviction (windows are disjoint)",
+                fix="drop --stride, or measure the full cache with --a2sf policy=none",
+            )
         # The model's own cache is the active policy (load_model applied any --a2sf override to its config).
-        result = eviction_perplexity(model, tokenizer, ppl_source, window=window, continuation=continuation,
-                                     chunk=chunk or 1, max_tokens=max_tokens, progress=not quiet)
+        result = eviction_perplexity(
+            model,
+            tokenizer,
+            ppl_source,
+            window=window,
+            continuation=continuation,
+            chunk=chunk or 1,
+            max_tokens=max_tokens,
+            progress=not quiet,
+        )
         click.echo(f"perplexity: {result.perplexity:.4f}")
-        click.echo(f"full-cache perplexity of the same tokens: {result.full_cache_perplexity:.4f} "
-                   f"({result.increase_pct:+.2f}% from eviction; {result.n_windows} windows of {result.prompt_len} prompt + "
-                   f"{result.continuation} decoded tokens, chunk {result.chunk}, cache held {result.cache_tokens} tokens/slot)")
+        click.echo(
+            f"full-cache perplexity of the same tokens: {result.full_cache_perplexity:.4f} "
+            f"({result.increase_pct:+.2f}% from eviction; {result.n_windows} windows of {result.prompt_len} prompt + "
+            f"{result.continuation} decoded tokens, chunk {result.chunk}, cache held {result.cache_tokens} tokens/slot)"
+        )
         record = {"checkpoint": ckpt, "kv_cache": policy.to_dict() if policy else None, **result.to_dict()}
     if json_path:
         json_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def _check_eval_arguments(window: int, stride: int | None, max_tokens: int, continuation: int | None,
-                          chunk: int | None) -> None:
+def _check_eval_arguments(
+    window: int, stride: int | None, max_tokens: int, continuation: int | None, chunk: int | None
+) -> None:
     if window < 2:
         raise SlimformerError(f"--window must be at least 2 tokens (got {window})", fix="e.g. --window 256")
     if stride is not None and not 1 <= stride <= window:
-        raise SlimformerError(f"--stride must be between 1 and the window ({window}), got {stride}",
-                              fix=f"e.g. --stride {max(1, window // 2)}, or leave it out for disjoint windows")
+        raise SlimformerError(
+            f"--stride must be between 1 and the window ({window}), got {stride}",
+            fix=f"e.g. --stride {max(1, window // 2)}, or leave it out for disjoint windows",
+        )
     if max_tokens < 2:
-        raise SlimformerError(f"--max-tokens must be at least 2 (got {max_tokens})", fix="e.g. --max-tokens 16384")
+        raise SlimformerError(
+            f"--max-tokens must be at least 2 (got {max_tokens})", fix="e.g. --max-tokens 16384"
+        )
     if continuation is not None and not 1 <= continuation < window:
         raise SlimformerError(
             f"--continuation must be between 1 and the window - 1 = {window - 1} (got {continuation})",
             fix="the window holds the prompt and the continuation: shorten --continuation or widen --window",
         )
     if chunk is not None and chunk < 1:
-        raise SlimformerError(f"--chunk must be at least 1 (got {chunk})", fix="e.g. --chunk 1 (token by token)")
+        raise SlimformerError(
+            f"--chunk must be at least 1 (got {chunk})", fix="e.g. --chunk 1 (token by token)"
+        )
 
 
 def _check_generation_arguments(max_new_tokens: int, sample: bool, temperature: float, top_p: float) -> None:
     """Refuse what transformers would refuse with a traceback (or silently ignore) before loading anything."""
     if max_new_tokens < 1:
-        raise SlimformerError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", fix="e.g. --max-new-tokens 32")
+        raise SlimformerError(
+            f"--max-new-tokens must be at least 1 (got {max_new_tokens})", fix="e.g. --max-new-tokens 32"
+        )
     if sample and not temperature > 0:
-        raise SlimformerError(f"--sample needs --temperature > 0 (got {temperature})",
-                              fix="use e.g. --temperature 0.8, or drop --sample for greedy decoding")
+        raise SlimformerError(
+            f"--sample needs --temperature > 0 (got {temperature})",
+            fix="use e.g. --temperature 0.8, or drop --sample for greedy decoding",
+        )
     if not 0 < top_p <= 1:
-        raise SlimformerError(f"--top-p must lie in (0, 1] (got {top_p})", fix="e.g. --top-p 0.9 (1 keeps every token)")
+        raise SlimformerError(
+            f"--top-p must lie in (0, 1] (got {top_p})", fix="e.g. --top-p 0.9 (1 keeps every token)"
+        )
     if not sample and (temperature != 1.0 or top_p != 1.0):
         click.echo("warning: --temperature and --top-p apply only with --sample; decoding greedily", err=True)
 
@@ -480,8 +720,11 @@ def _active_policy(model: Any, ckpt: str) -> Any:
     try:
         policy = CachePolicy.from_dict(dict(spec))
     except ValueError as exc:
-        raise SlimformerError(f"the checkpoint's kv_cache config is invalid: {exc}", where=f"{ckpt}/config.json",
-                              fix="override it with --a2sf, or re-run the conversion") from exc
+        raise SlimformerError(
+            f"the checkpoint's kv_cache config is invalid: {exc}",
+            where=f"{ckpt}/config.json",
+            fix="override it with --a2sf, or re-run the conversion",
+        ) from exc
     return policy if policy.evicts else None
 
 
@@ -490,22 +733,48 @@ def _active_policy(model: Any, ckpt: str) -> Any:
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate (at least 1).")
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", default=1.0, show_default=True, help="With --sample: softmax temperature (> 0).")
-@click.option("--top-p", default=1.0, show_default=True, help="With --sample: nucleus sampling mass, in (0, 1].")
+@click.option(
+    "--temperature", default=1.0, show_default=True, help="With --sample: softmax temperature (> 0)."
+)
+@click.option(
+    "--top-p", default=1.0, show_default=True, help="With --sample: nucleus sampling mass, in (0, 1]."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for sampling.")
 @click.option("--a2sf", help="Override the checkpoint's KV-cache policy, e.g. budget=64,alpha=0.5.")
-@click.option("--runtime", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
-              help="torch: a converted (or original) checkpoint; onnx: a directory from `slimformer export onnx`.")
+@click.option(
+    "--runtime",
+    type=click.Choice(["torch", "onnx"]),
+    default="torch",
+    show_default=True,
+    help="torch: a converted (or original) checkpoint; onnx: a directory from `slimformer export onnx`.",
+)
 @click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP + " (--runtime torch)")
 @click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
 @click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
-@click.option("--cache-kernel", type=click.Choice(["auto", "native", "function"]), default=None,
-              help="--runtime onnx: run the A2SF cache op with the native kernel (`make kernels`), its ONNX function "
-                   "body, or auto (native when built; the default). Given, it also says on stderr which one runs.")
-def generate(ckpt: str, prompt: str, max_new_tokens: int, sample: bool, temperature: float, top_p: float, seed: int,
-             a2sf: str | None, runtime: str, device: str, dtype: str, allow_pickle: bool, trust_remote_code: bool,
-             cache_kernel: str | None) -> None:
+@click.option(
+    "--cache-kernel",
+    type=click.Choice(["auto", "native", "function"]),
+    default=None,
+    help="--runtime onnx: run the A2SF cache op with the native kernel (`make kernels`), its ONNX function "
+    "body, or auto (native when built; the default). Given, it also says on stderr which one runs.",
+)
+def generate(
+    ckpt: str,
+    prompt: str,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    a2sf: str | None,
+    runtime: str,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    cache_kernel: str | None,
+) -> None:
     """Generate text from CKPT (greedy by default). The text goes to stdout.
 
     \b
@@ -518,26 +787,44 @@ def generate(ckpt: str, prompt: str, max_new_tokens: int, sample: bool, temperat
     _check_generation_arguments(max_new_tokens, sample, temperature, top_p)
     if runtime == "onnx":
         require_extra("onnx", "`slimformer generate --runtime onnx`")
-        from exporters.onnx_runtime import generate_text
+        from slimformer.exporters.onnx_runtime import generate_text
 
         report = (lambda line: click.echo(line, err=True)) if cache_kernel else None
-        click.echo(generate_text(ckpt, prompt, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                                 top_p=top_p, seed=seed, a2sf=_kv_cache_override(a2sf), device=device,
-                                 cache_kernel=cache_kernel or "auto", report=report))
+        click.echo(
+            generate_text(
+                ckpt,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                sample=sample,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                a2sf=_kv_cache_override(a2sf),
+                device=device,
+                cache_kernel=cache_kernel or "auto",
+                report=report,
+            )
+        )
         return
     if cache_kernel:
-        raise SlimformerError("--cache-kernel applies to --runtime onnx only", fix="add --runtime onnx, or drop --cache-kernel")
+        raise SlimformerError(
+            "--cache-kernel applies to --runtime onnx only", fix="add --runtime onnx, or drop --cache-kernel"
+        )
     _require_decoder(ckpt, allow_pickle, trust_remote_code, "generate")
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
     if model.config.is_encoder:
-        raise SlimformerError("generate needs a causal language model; this checkpoint is an encoder", where=ckpt)
+        raise SlimformerError(
+            "generate needs a causal language model; this checkpoint is an encoder", where=ckpt
+        )
     inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(device)
     torch.manual_seed(seed)
-    kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+    kwargs = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if sample else {"do_sample": False}
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
-    click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    click.echo(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 @cli.group(context_settings=CONTEXT)
@@ -547,15 +834,42 @@ def export() -> None:
 
 @export.command("onnx", context_settings=CONTEXT)
 @click.argument("ckpt")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (must not exist unless --overwrite).",
+)
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (18-20).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True, help="Precision of the exported weights and caches.")
-@click.option("--cache-op/--no-cache-op", default=None, help="Put the A2SF cache-eviction op into the graph (default: when the checkpoint's kv_cache policy evicts).")
-@click.option("--no-validate", is_flag=True, help="Skip comparing ONNX Runtime with the PyTorch runtime after export.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Precision of the exported weights and caches.",
+)
+@click.option(
+    "--cache-op/--no-cache-op",
+    default=None,
+    help="Put the A2SF cache-eviction op into the graph (default: when the checkpoint's kv_cache policy evicts).",
+)
+@click.option(
+    "--no-validate", is_flag=True, help="Skip comparing ONNX Runtime with the PyTorch runtime after export."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " (The result line still prints.)")
-def export_onnx(ckpt: str, out: Path, opset: int, dtype: str, cache_op: bool | None, no_validate: bool, overwrite: bool,
-                quiet: bool) -> None:
+def export_onnx(
+    ckpt: str,
+    out: Path,
+    opset: int,
+    dtype: str,
+    cache_op: bool | None,
+    no_validate: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
     """Export the converted checkpoint CKPT to ONNX (model.onnx + tokenizer + slimformer_onnx.json) in OUT.
 
     \b
@@ -565,24 +879,43 @@ def export_onnx(ckpt: str, out: Path, opset: int, dtype: str, cache_op: bool | N
       slimformer generate out-onnx --runtime onnx --prompt "def main():"
     """
     require_extra("onnx", "`slimformer export onnx`")
-    from exporters.onnx import OnnxExportOptions
-    from exporters.onnx import export_onnx as run_export
+    from slimformer.exporters.onnx import OnnxExportOptions
+    from slimformer.exporters.onnx import export_onnx as run_export
 
-    options = OnnxExportOptions(opset=opset, dtype=dtype, cache_op=cache_op, validate=not no_validate,
-                                overwrite=overwrite, quiet=quiet)
+    options = OnnxExportOptions(
+        opset=opset,
+        dtype=dtype,
+        cache_op=cache_op,
+        validate=not no_validate,
+        overwrite=overwrite,
+        quiet=quiet,
+    )
     metadata = run_export(ckpt, out, options)
     runs = (metadata.get("validation") or {}).get("runs", [])  # the result: printed with -q too
     worst = max((run["max_abs_diff"] for run in runs), default=None)
     checked = f", validated (max |logits difference| {worst:.1e})" if worst is not None else ", not validated"
-    click.echo(f"{out}: opset {metadata['opset']}, {metadata['dtype']}, {len(metadata['cache_layers'])} cache slot(s)"
-               f"{', A2SF cache op' if metadata['evicting'] else ''}{checked}")
+    click.echo(
+        f"{out}: opset {metadata['opset']}, {metadata['dtype']}, {len(metadata['cache_layers'])} cache slot(s)"
+        f"{', A2SF cache op' if metadata['evicting'] else ''}{checked}"
+    )
 
 
 @export.command("vllm", context_settings=CONTEXT)
 @click.argument("ckpt")
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output directory (must not exist unless --overwrite).")
-@click.option("--pad-head-dim", type=int, help="Zero-pad attention heads to this size (same function, more KV cache): "
-              "for head sizes vLLM's CPU kernels lack (they have 32, 64, 80, 96, 112, 128, ...).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (must not exist unless --overwrite).",
+)
+@click.option(
+    "--pad-head-dim",
+    type=int,
+    help="Zero-pad attention heads to this size (same function, more KV cache): "
+    "for head sizes vLLM's CPU kernels lack (they have 32, 64, 80, 96, 112, 128, ...).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output (warnings still go to stderr).")
 def export_vllm(ckpt: str, out: Path, pad_head_dim: int | None, overwrite: bool, quiet: bool) -> None:
@@ -599,12 +932,14 @@ def export_vllm(ckpt: str, out: Path, pad_head_dim: int | None, overwrite: bool,
       vllm serve out-vllm --trust-remote-code
       python -c "from vllm import LLM; LLM(model='out-vllm', trust_remote_code=True)"
     """
-    from exporters.vllm import export_vllm as run_export
+    from slimformer.exporters.vllm import export_vllm as run_export
 
     metadata = run_export(ckpt, out, overwrite=overwrite, quiet=quiet, pad_head_dim=pad_head_dim)
     if not quiet:
-        click.echo(f"{out}: {metadata['architecture']}, {metadata['num_layers']} layers, {metadata['attention_layers']} with "
-                   f"attention (KV cache), {metadata['mlp_layers']} with MLP; serve: vllm serve {out} --trust-remote-code")
+        click.echo(
+            f"{out}: {metadata['architecture']}, {metadata['num_layers']} layers, {metadata['attention_layers']} with "
+            f"attention (KV cache), {metadata['mlp_layers']} with MLP; serve: vllm serve {out} --trust-remote-code"
+        )
 
 
 class Terminated(BaseException):
@@ -648,14 +983,20 @@ def main() -> None:
         _fail(f"{exc.format_message().rstrip('.')}. Fix: {_usage_fix(exc)}", exc.exit_code, exc)
     except OSError as exc:
         # A full disk or a permission outside an output directory (e.g. --json into a read-only place).
-        from exporters.safetensors import write_failure
+        from slimformer.converter.outputs import write_failure
 
         problem = write_failure(exc, Path(exc.filename or ".").absolute()) if exc.filename else None
-        message = problem.message if problem else f"{exc.strerror or exc} (at {exc.filename}). Fix: check the path"
+        message = (
+            problem.message if problem else f"{exc.strerror or exc} (at {exc.filename}). Fix: check the path"
+        )
         _fail(message, 2, exc)
     except Exception as exc:  # a bug in slimformer: still one line, and the way to report it
-        _fail(f"internal error: {type(exc).__name__}: {exc}. Fix: this is a bug in slimformer; re-run with "
-              "`slimformer --debug ...` (or SLIMFORMER_DEBUG=1) and report the traceback", 1, exc)
+        _fail(
+            f"internal error: {type(exc).__name__}: {exc}. Fix: this is a bug in slimformer; re-run with "
+            "`slimformer --debug ...` (or SLIMFORMER_DEBUG=1) and report the traceback",
+            1,
+            exc,
+        )
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -24,6 +24,7 @@ from .graph import CheckpointGraph, load_graph
 from .pipeline import DEFAULT_CALIBRATION, PassContext, PipelineSpec, build_passes, run_pipeline
 from .report import versions, write_report
 from .source import resolve_source
+from .tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,7 +37,9 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def check_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimformerError(f"device {device!r} requested but CUDA is not available", fix="use --device cpu")
+        raise SlimformerError(
+            f"device {device!r} requested but CUDA is not available", fix="use --device cpu"
+        )
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
         raise SlimformerError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N")
     return device
@@ -67,8 +70,10 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-DEFAULT_CALIBRATION_NOTE = ("no --calib given: calibrating on {sources} (Python standard-library source code); "
-                            "for a model of other text pass --calib with text like its own")
+DEFAULT_CALIBRATION_NOTE = (
+    "no --calib given: calibrating on {sources} (Python standard-library source code); "
+    "for a model of other text pass --calib with text like its own"
+)
 
 
 def check_before_work(graph: CheckpointGraph, passes: list, ctx: PassContext, spec: PipelineSpec) -> None:
@@ -85,43 +90,46 @@ def check_before_work(graph: CheckpointGraph, passes: list, ctx: PassContext, sp
     if spec.evaluation.ppl:
         check_source(spec.evaluation.ppl, flag="--eval-ppl")
         if graph.is_encoder:
-            raise SlimformerError("perplexity needs a causal language model; this checkpoint is an encoder",
-                                  fix="drop --eval-ppl")
+            raise SlimformerError(
+                "perplexity needs a causal language model; this checkpoint is an encoder",
+                fix="drop --eval-ppl",
+            )
         if ctx.tokenizer is None:
-            raise SlimformerError("the checkpoint has no tokenizer, so perplexity cannot be measured",
-                                  fix="add tokenizer files or drop --eval-ppl")
+            raise SlimformerError(
+                "the checkpoint has no tokenizer, so perplexity cannot be measured",
+                fix="add tokenizer files or drop --eval-ppl",
+            )
         window, positions = spec.evaluation.window, graph.base_config.get("max_position_embeddings")
         if not isinstance(window, int) or window < 2:
-            raise SlimformerError(f"the evaluation window must be at least 2 tokens (got {window!r})",
-                                  fix="e.g. --window 256 (pipeline: [evaluation] window)")
+            raise SlimformerError(
+                f"the evaluation window must be at least 2 tokens (got {window!r})",
+                fix="e.g. --window 256 (pipeline: [evaluation] window)",
+            )
         if positions and window > positions:
-            raise SlimformerError(f"the evaluation window {window} is longer than the model's {positions} positions",
-                                  fix=f"use --window {positions} or less")
+            raise SlimformerError(
+                f"the evaluation window {window} is longer than the model's {positions} positions",
+                fix=f"use --window {positions} or less",
+            )
         if not isinstance(spec.evaluation.max_tokens, int) or spec.evaluation.max_tokens < 2:
-            raise SlimformerError(f"the evaluation needs at least 2 tokens (max_tokens {spec.evaluation.max_tokens!r})",
-                                  fix="e.g. --max-tokens 16384 (pipeline: [evaluation] max_tokens)")
+            raise SlimformerError(
+                f"the evaluation needs at least 2 tokens (max_tokens {spec.evaluation.max_tokens!r})",
+                fix="e.g. --max-tokens 16384 (pipeline: [evaluation] max_tokens)",
+            )
     dry_run(graph, passes, ctx)
     if needs_calibration:
         for source in spec.calibration.sources:  # drawn now (and kept): too little text fails here, not later
             ctx.calibration_windows(source)
 
 
-def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
-    """The checkpoint's tokenizer, or ``None`` when it ships none."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise SlimformerError(f"cannot load the tokenizer: {exc}", where=str(path), fix="restore the tokenizer files") from exc
-
-
-def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpec, options: ConvertOptions | None = None) -> dict:
+def convert(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    spec: PipelineSpec,
+    options: ConvertOptions | None = None,
+) -> dict:
     """Convert ``source`` into ``out`` with the pipeline ``spec``; returns the report dict."""
-    from exporters.safetensors import atomic_output_dir, check_output_location, write_checkpoint
+    from slimformer.converter.outputs import atomic_output_dir, check_output_location
+    from slimformer.exporters.safetensors import write_checkpoint
 
     options = options or ConvertOptions()
     log = _logger(options.quiet)
@@ -134,16 +142,30 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpe
     spec = spec.record_data(_warn)
 
     started = time.perf_counter()
-    src = resolve_source(source, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code)
+    src = resolve_source(
+        source, allow_pickle=options.allow_pickle, trust_remote_code=options.trust_remote_code
+    )
     graph = load_graph(src)
     tokenizer = load_tokenizer(src.path, trust_remote_code=options.trust_remote_code)
-    ctx = PassContext(tokenizer, spec.calibration, spec.evaluation, device=device, dtype=dtype,
-                      progress=not options.quiet, log=log)
+    ctx = PassContext(
+        tokenizer,
+        spec.calibration,
+        spec.evaluation,
+        device=device,
+        dtype=dtype,
+        progress=not options.quiet,
+        log=log,
+    )
     check_before_work(graph, passes, ctx, spec)  # so that a bad input is the only line a failed run prints
-    log(f"[slimformer] loaded {src.spec}: {graph.family}, {len(graph.blocks)} layers, {graph.num_params():,} parameters")
+    log(
+        f"[slimformer] loaded {src.spec}: {graph.family}, {len(graph.blocks)} layers, {graph.num_params():,} parameters"
+    )
     notes = []
-    if any(p.needs_calibration() for p in passes) and not spec.calibration_given \
-            and spec.calibration.sources == DEFAULT_CALIBRATION:
+    if (
+        any(p.needs_calibration() for p in passes)
+        and not spec.calibration_given
+        and spec.calibration.sources == DEFAULT_CALIBRATION
+    ):
         notes.append(DEFAULT_CALIBRATION_NOTE.format(sources=", ".join(spec.calibration.sources)))
         _warn(notes[-1])
 
@@ -162,8 +184,14 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, spec: PipelineSpe
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "output": str(out),
         "notes": notes,
-        "source": {"spec": src.spec, "path": str(src.path), "family": graph.family, "hub": src.is_hub,
-                   "num_layers": len(graph.blocks), "weight_format": src.weight_format},
+        "source": {
+            "spec": src.spec,
+            "path": str(src.path),
+            "family": graph.family,
+            "hub": src.is_hub,
+            "num_layers": len(graph.blocks),
+            "weight_format": src.weight_format,
+        },
         "versions": versions(),
         "pipeline": spec.to_dict(),
         "passes": records,
@@ -195,8 +223,12 @@ def _measure(graph: CheckpointGraph, ctx: PassContext, when: str, log) -> dict[s
     log(f"[slimformer] perplexity {when} on {ctx.evaluation.ppl} ...")
     value = ctx.perplexity(graph)
     log(f"[slimformer] perplexity {when}: {value:.3f}")
-    return {"source": ctx.evaluation.ppl, "window": ctx.evaluation.window, "max_tokens": ctx.evaluation.max_tokens,
-            f"perplexity_{when}": value}
+    return {
+        "source": ctx.evaluation.ppl,
+        "window": ctx.evaluation.window,
+        "max_tokens": ctx.evaluation.max_tokens,
+        f"perplexity_{when}": value,
+    }
 
 
 def _speed(graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
@@ -224,7 +256,9 @@ def load_model(
     graph = load_graph(src)
     if kv_cache is not None:
         graph.kv_cache = kv_cache
-    return graph.build_model(dtype=dtype, device=check_device(device), attn_implementation=attn_implementation)
+    return graph.build_model(
+        dtype=dtype, device=check_device(device), attn_implementation=attn_implementation
+    )
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -52,7 +52,9 @@ class TensorRef:
                 return handle.get_tensor(self.source_name)
         except (SafetensorError, OSError) as exc:
             raise SlimformerError(
-                f"cannot read tensor {self.source_name!r}: {exc}", where=str(self.file), fix="the file is truncated or corrupt; download it again"
+                f"cannot read tensor {self.source_name!r}: {exc}",
+                where=str(self.file),
+                fix="the file is truncated or corrupt; download it again",
             ) from exc
 
     @property
@@ -152,8 +154,11 @@ class CheckpointGraph:
         keys = config["num_key_value_heads"] * config["head_dim"]
         # A simplified (SAS) layer caches identity values, one head_dim slice per *query* head (runtime/sas.py).
         sas_values = config["num_attention_heads"] * config["head_dim"]
-        widths = [keys + (keys if b.attention.details.get("form", "standard") == "standard" else sas_values)
-                  for b in self.blocks if b.attention.kept]
+        widths = [
+            keys + (keys if b.attention.details.get("form", "standard") == "standard" else sas_values)
+            for b in self.blocks
+            if b.attention.kept
+        ]
         return sum(widths) * DTYPE_BYTES[dtype]
 
     def layer_states(self) -> list[dict[str, Any]]:
@@ -172,7 +177,9 @@ class CheckpointGraph:
 
     def describe(self) -> str:
         """A readable listing of the graph: each node, its state, tensor count and parameters."""
-        lines = [f"{self.family} ({self.architecture.kind}), {len(self.blocks)} blocks, {self.num_params():,} parameters"]
+        lines = [
+            f"{self.family} ({self.architecture.kind}), {len(self.blocks)} blocks, {self.num_params():,} parameters"
+        ]
 
         def row(label: str, node: Node) -> str:
             params = sum(t.numel for t in node.tensors.values())
@@ -184,7 +191,9 @@ class CheckpointGraph:
             lines.append(row(f"{block.index}.attention", block.attention))
             lines.append(row(f"{block.index}.mlp", block.mlp))
         lines.append(row("final_norm", self.final_norm))
-        lines.append(row("head", self.head) if self.head.tensors else "  head             tied to the embeddings")
+        lines.append(
+            row("head", self.head) if self.head.tensors else "  head             tied to the embeddings"
+        )
         if self.kv_cache:
             lines.append(f"  kv cache policy: {self.kv_cache}")
         return "\n".join(lines)
@@ -194,11 +203,17 @@ class CheckpointGraph:
         tensors = {}
         for ref in self.kept_tensors():
             tensor = ref.load()
-            tensors[ref.name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            tensors[ref.name] = (
+                tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            )
         return tensors
 
     def build_model(
-        self, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn_implementation: str = "sdpa"
+        self,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: str = "sdpa",
     ) -> torch.nn.Module:
         """A runtime model (``SlimformerForCausalLM`` / ``SlimformerEncoderModel``) with the graph's weights."""
         from .runtime.modeling_slimformer import SlimformerEncoderModel, SlimformerForCausalLM
@@ -221,7 +236,11 @@ class CheckpointGraph:
             model.lm_head.weight = model.model.embed_tokens.weight
         _materialise_buffers(model, device)
         if _has_meta(model):
-            raise SlimformerError("some weights were never loaded", where=str(self.source.path), fix="the checkpoint is incomplete")
+            raise SlimformerError(
+                "some weights were never loaded",
+                where=str(self.source.path),
+                fix="the checkpoint is incomplete",
+            )
         return model.to(device=device, dtype=dtype).eval()
 
 
@@ -231,9 +250,23 @@ def load_graph(source: CheckpointSource) -> CheckpointGraph:
     if config["model_type"] == "slimformer":
         check_checkpoint_format(config, str(source.path))
         architecture = architecture_for(config.get("base_model_type", "?"))
-        base = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version",
-                                                              "block_configs", "kv_cache", "add_pooling_layer", "_name_or_path",
-                                                              "slimformer_format", "slimformer_version")}
+        base = {
+            k: v
+            for k, v in config.items()
+            if k
+            not in (
+                "model_type",
+                "architectures",
+                "auto_map",
+                "transformers_version",
+                "block_configs",
+                "kv_cache",
+                "add_pooling_layer",
+                "_name_or_path",
+                "slimformer_format",
+                "slimformer_version",
+            )
+        }
         block_configs = config.get("block_configs")
         kv_cache = config.get("kv_cache")
     else:
@@ -243,8 +276,11 @@ def load_graph(source: CheckpointSource) -> CheckpointGraph:
     try:
         shape_config = SlimformerConfig(**{k: v for k, v in base.items() if k != "block_configs"})
     except (TypeError, ValueError, KeyError) as exc:
-        raise SlimformerError(f"config.json cannot be used for {architecture.family}: {exc}", where=str(source.path),
-                              fix="restore the model's original config") from exc
+        raise SlimformerError(
+            f"config.json cannot be used for {architecture.family}: {exc}",
+            where=str(source.path),
+            fix="restore the model's original config",
+        ) from exc
     layers = shape_config.num_hidden_layers
     embeddings, final_norm, head = Node(EMBEDDINGS), Node(FINAL_NORM), Node(HEAD)
     blocks = [Block(i, Node(ATTENTION), Node(MLP)) for i in range(layers)]
@@ -264,19 +300,24 @@ def load_graph(source: CheckpointSource) -> CheckpointGraph:
             if slot.layer >= layers:
                 raise SlimformerError(
                     f"tensor {ref.source_name!r} belongs to layer {slot.layer} but config has {layers} layers",
-                    where=str(source.path), fix="the weights do not belong to this config.json",
+                    where=str(source.path),
+                    fix="the weights do not belong to this config.json",
                 )
             block = blocks[slot.layer]
             (block.attention if slot.section == ATTENTION else block.mlp).tensors[slot.name] = ref
         else:
-            {EMBEDDINGS: embeddings, FINAL_NORM: final_norm, HEAD: head}[slot.section].tensors[slot.name] = ref
+            {EMBEDDINGS: embeddings, FINAL_NORM: final_norm, HEAD: head}[slot.section].tensors[slot.name] = (
+                ref
+            )
     if block_configs is not None:
         for block, spec in zip(blocks, block_configs):
             for node, key in ((block.attention, "attention"), (block.mlp, "ffn")):
                 node.details = {k: v for k, v in spec[key].items() if k != "no_op"}
                 if spec[key].get("no_op"):
                     node.state = DROPPED
-    graph = CheckpointGraph(source, architecture, base, embeddings, blocks, final_norm, head, kv_cache=kv_cache)
+    graph = CheckpointGraph(
+        source, architecture, base, embeddings, blocks, final_norm, head, kv_cache=kv_cache
+    )
     _check_complete(graph)
     return graph
 
@@ -287,7 +328,9 @@ def _iter_source_tensors(source: CheckpointSource) -> Iterator[TensorRef]:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as exc:
-                raise SlimformerError(f"cannot read pickled weights: {exc}", where=str(file), fix="re-download the file") from exc
+                raise SlimformerError(
+                    f"cannot read pickled weights: {exc}", where=str(file), fix="re-download the file"
+                ) from exc
             for name, tensor in state.items():
                 yield TensorRef(name, tuple(tensor.shape), str(tensor.dtype), source_name=name, value=tensor)
         return
@@ -296,10 +339,14 @@ def _iter_source_tensors(source: CheckpointSource) -> Iterator[TensorRef]:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
                     view = handle.get_slice(name)
-                    yield TensorRef(name, tuple(view.get_shape()), view.get_dtype(), file=file, source_name=name)
+                    yield TensorRef(
+                        name, tuple(view.get_shape()), view.get_dtype(), file=file, source_name=name
+                    )
         except SafetensorError as exc:
             raise SlimformerError(
-                f"safetensors file is truncated or corrupt: {exc}", where=str(file), fix="download the file again"
+                f"safetensors file is truncated or corrupt: {exc}",
+                where=str(file),
+                fix="download the file again",
             ) from exc
 
 
@@ -325,14 +372,18 @@ def _check_complete(graph: CheckpointGraph) -> None:
             fix="the weight files are incomplete or belong to a different config",
         )
     if not present:
-        raise SlimformerError("checkpoint has no tensors", where=str(graph.source.path), fix="download the weight files")
+        raise SlimformerError(
+            "checkpoint has no tensors", where=str(graph.source.path), fix="download the weight files"
+        )
 
 
 def _buffer_names(model: torch.nn.Module) -> set[str]:
     return {name for name, _ in model.named_buffers()}
 
 
-def _missing_and_unexpected(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def _missing_and_unexpected(
+    model: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
     expected = set(model.state_dict()) - _buffer_names(model)
     if getattr(model.config, "tie_word_embeddings", False) and not model.config.is_encoder:
         expected.discard("lm_head.weight")

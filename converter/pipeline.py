@@ -37,59 +37,61 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
-import re
 import time
 import tomllib
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import torch
+from slimformer.passes.base import (  # noqa: F401 (the contract, re-exported for pipeline users)
+    REGISTRY,
+    CalibrationSpec,
+    DryRun,
+    EvaluationSpec,
+    Pass,
+    PassContext,
+    canonical_key,
+    option_rows,
+    register,
+    structural_copy,
+)
 
 from .errors import SlimformerError
 from .graph import CheckpointGraph
 
-PASS_MODULES = ("passes.layer_drop", "passes.sas", "passes.a2sf")
+PASS_MODULES = (
+    "slimformer.passes.layer_drop.drop",
+    "slimformer.passes.sas.simplify",
+    "slimformer.passes.a2sf",
+)
 
-REGISTRY: dict[str, type[Pass]] = {}
-
-
-def register(cls: type[Pass]) -> type[Pass]:
-    REGISTRY[cls.name] = cls
-    return cls
+PASS_ENTRY_POINTS = "slimformer.passes"
 
 
 def available_passes() -> dict[str, type[Pass]]:
-    """Import the pass modules that exist and return the registry."""
-    for module in PASS_MODULES:
+    """Every registered pass: the modules named in the ``slimformer.passes`` entry-point group (the built-in
+    passes and any another package declares) are imported, and their ``@register`` classes fill the registry.
+    A module that fails to import is named in one line instead of hiding every other pass."""
+    for entry in entry_points(group=PASS_ENTRY_POINTS):
         try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+            entry.load()
+        except ImportError as exc:
+            raise SlimformerError(
+                f"pass module {entry.value!r} (entry point {entry.name!r}) cannot be imported: {exc}",
+                fix="reinstall the package that provides it, or uninstall it",
+            ) from exc
+    if not REGISTRY:
+        raise SlimformerError(
+            "no passes are registered: slimformer's entry points are missing",
+            fix="reinstall slimformer (pip install -e .) so its metadata lists the passes",
+        )
     return REGISTRY
 
 
 # ---- specification ---------------------------------------------------------------------------------
-@dataclass
-class CalibrationSpec:
-    sources: list[str] = field(default_factory=lambda: ["stdlib:train"])
-    samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-
-
-@dataclass
-class EvaluationSpec:
-    ppl: str | None = None
-    window: int = 256
-    max_tokens: int = 16384
-
-
 @dataclass
 class PassSpec:
     name: str
@@ -114,7 +116,9 @@ class PipelineSpec:
     def from_file(cls, path: str | Path) -> PipelineSpec:
         path = Path(path)
         if not path.is_file():
-            raise SlimformerError("pipeline file does not exist", where=str(path), fix="give a .toml or .yaml pipeline file")
+            raise SlimformerError(
+                "pipeline file does not exist", where=str(path), fix="give a .toml or .yaml pipeline file"
+            )
         text = path.read_text()
         try:
             if path.suffix in (".yaml", ".yml"):
@@ -124,10 +128,15 @@ class PipelineSpec:
             else:
                 data = tomllib.loads(text)
         except Exception as exc:  # tomllib/yaml parse errors carry line numbers in their message
-            raise SlimformerError(f"cannot parse pipeline file: {exc}", where=str(path), fix="fix the syntax") from exc
+            raise SlimformerError(
+                f"cannot parse pipeline file: {exc}", where=str(path), fix="fix the syntax"
+            ) from exc
         if not isinstance(data, dict):
-            raise SlimformerError("pipeline file does not hold a table of sections", where=str(path),
-                                  fix="write [calibration], [evaluation] and [[passes]] sections")
+            raise SlimformerError(
+                "pipeline file does not hold a table of sections",
+                where=str(path),
+                fix="write [calibration], [evaluation] and [[passes]] sections",
+            )
         spec = cls.from_dict(data, where=str(path))
         # A replay must not depend on the directory it runs from: relative data paths mean "beside this file".
         spec.calibration.sources = [_relative_to(source, path.parent) for source in spec.calibration.sources]
@@ -139,18 +148,28 @@ class PipelineSpec:
     def from_dict(cls, data: dict[str, Any], where: str = "pipeline") -> PipelineSpec:
         unknown = set(data) - {"passes", "calibration", "evaluation", "data"}
         if unknown:
-            raise SlimformerError(f"unknown pipeline section(s) {sorted(unknown)}", where=where,
-                                  fix="use [calibration], [evaluation], [[passes]] (and [data], written by slimformer)")
+            raise SlimformerError(
+                f"unknown pipeline section(s) {sorted(unknown)}",
+                where=where,
+                fix="use [calibration], [evaluation], [[passes]] (and [data], written by slimformer)",
+            )
         passes = []
         for entry in data.get("passes", []):
             if not isinstance(entry, dict) or "name" not in entry:
-                raise SlimformerError("each [[passes]] entry needs a 'name'", where=where, fix="add name = \"layer_drop\" (or another pass)")
+                raise SlimformerError(
+                    "each [[passes]] entry needs a 'name'",
+                    where=where,
+                    fix='add name = "layer_drop" (or another pass)',
+                )
             params = {k: v for k, v in entry.items() if k != "name"}
             passes.append(PassSpec(entry["name"], params))
         hashes = data.get("data", {})
         if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
-            raise SlimformerError("[data] must map data paths to \"sha256:...\" strings", where=where,
-                                  fix="remove the [data] section (the next conversion writes it again)")
+            raise SlimformerError(
+                '[data] must map data paths to "sha256:..." strings',
+                where=where,
+                fix="remove the [data] section (the next conversion writes it again)",
+            )
         calibration = data.get("calibration", {})
         return cls(
             passes=passes,
@@ -173,15 +192,20 @@ class PipelineSpec:
 
     def to_toml(self) -> str:
         data = self.to_dict()
-        lines = ["# slimformer pipeline: replay with `slimformer convert SOURCE -o OUT --pipeline pipeline.toml`",
-                 "# (from any directory: local data paths are absolute, and [data] holds their content hashes)"]
+        lines = [
+            "# slimformer pipeline: replay with `slimformer convert SOURCE -o OUT --pipeline pipeline.toml`",
+            "# (from any directory: local data paths are absolute, and [data] holds their content hashes)",
+        ]
         for section in ("calibration", "evaluation"):
             lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
         for entry in data["passes"]:
             lines += ["", "[[passes]]"] + [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
         if data.get("data"):
-            lines += ["", "# SHA-256 of each local text source when this pipeline ran; a replay warns if one changed",
-                      "[data]"] + [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in data["data"].items()]
+            lines += [
+                "",
+                "# SHA-256 of each local text source when this pipeline ran; a replay warns if one changed",
+                "[data]",
+            ] + [f"{_toml_value(k)} = {_toml_value(v)}" for k, v in data["data"].items()]
         return "\n".join(lines) + "\n"
 
     def record_data(self, warn: Callable[[str], None]) -> PipelineSpec:
@@ -208,8 +232,10 @@ class PipelineSpec:
             digest = source_digest(path)
             spec.data[source] = digest
             if source in recorded and recorded[source] != digest:
-                warn(f"data file {source} changed since the pipeline was written ({recorded[source][:19]}... then, "
-                     f"{digest[:19]}... now): the replay will not reproduce the recorded result")
+                warn(
+                    f"data file {source} changed since the pipeline was written ({recorded[source][:19]}... then, "
+                    f"{digest[:19]}... now): the replay will not reproduce the recorded result"
+                )
         return spec
 
 
@@ -217,7 +243,9 @@ def _dataclass_from(cls: type, values: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise SlimformerError(f"unknown key(s) {sorted(unknown)}", where=where, fix=f"allowed keys: {sorted(names)}")
+        raise SlimformerError(
+            f"unknown key(s) {sorted(unknown)}", where=where, fix=f"allowed keys: {sorted(names)}"
+        )
     if isinstance(values.get("sources"), str):
         values = {**values, "sources": [values["sources"]]}
     return cls(**values)
@@ -245,155 +273,6 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} to TOML")
-
-
-# ---- passes -----------------------------------------------------------------------------------------
-class Pass(ABC):
-    """One graph rewrite. Subclasses set ``name`` and ``config_class`` and implement ``run``."""
-
-    name: ClassVar[str]
-    config_class: ClassVar[type]
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> Pass:
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        normalised = {canonical_key(k): v for k, v in params.items()}
-        unknown = set(normalised) - names
-        if unknown:
-            raise SlimformerError(f"unknown option(s) {sorted(unknown)} for pass {cls.name!r}",
-                                  fix=f"{cls.name} options are {', '.join(sorted(names))} "
-                                      "(meanings and defaults: `slimformer convert --help`)")
-        try:
-            config = cls.config_class(**normalised)
-        except (TypeError, ValueError) as exc:
-            raise SlimformerError(f"bad options for pass {cls.name!r}: {exc}", fix=cls._fix_for(str(exc))) from exc
-        return cls(config)
-
-    @classmethod
-    def _fix_for(cls, message: str) -> str:
-        """The meaning and default of the option an error message names, so the fix needs no second look-up."""
-        for key, default, meaning in option_rows(cls.config_class):
-            if re.search(rf"\b{key}\b", message):
-                return f"{key} is {meaning} (default {default}); every {cls.name} option: `slimformer convert --help`"
-        return f"every {cls.name} option, with its default: `slimformer convert --help`"
-
-    def params(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self.config).items() if v is not None}
-
-    def needs_calibration(self) -> bool:
-        """Whether ``run`` reads calibration windows; they are then drawn (and so checked) before any work."""
-        return False
-
-    def check(self, dry: DryRun) -> None:
-        """Validate the options against the graph as it will be when this pass runs (``dry.graph``), then
-        apply the pass's structural effect to ``dry.graph`` so later passes are checked against what it
-        leaves. Reads no tensor: this runs before any work. The default checks nothing and changes nothing."""
-        return None
-
-    @abstractmethod
-    def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
-        """Rewrite ``graph`` in place; return a JSON-able summary of what changed (goes into the report)."""
-
-
-def canonical_key(key: str) -> str:
-    """Option keys have one spelling, the config field's: ``heal-steps`` is read as ``heal_steps``."""
-    return str(key).strip().replace("-", "_")
-
-
-def option_rows(config_class: type) -> list[tuple[str, str, str]]:
-    """``(key, default, meaning)`` for every option of a pass config, read from the dataclass itself (its
-    fields' ``metadata["help"]``, or the class's ``OPTION_HELP`` for inherited fields), so ``--help`` and
-    error messages cannot drift from what the pass accepts."""
-    notes = getattr(config_class, "OPTION_HELP", {})  # name -> meaning, or (default text, meaning)
-    rows = []
-    for f in dataclasses.fields(config_class):
-        note = notes.get(f.name)
-        default_text, meaning = note if isinstance(note, tuple) else (f.metadata.get("default_text"), note)
-        meaning = f.metadata.get("help") or meaning
-        if not meaning:
-            raise TypeError(f"{config_class.__name__}.{f.name} has no help text")  # a bug; tests catch it
-        if default_text is not None:
-            default = default_text
-        else:
-            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            default = "unset" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-        rows.append((f.name, default, meaning))
-    return rows
-
-
-@dataclass
-class DryRun:
-    """The pipeline's structure as each pass will find it, for :meth:`Pass.check` (no tensor is read).
-
-    ``graph`` is a structural copy of the checkpoint graph that each check updates. Where what a pass does
-    depends on scores (which modules a quality target drops, how a joint drop splits between attention and
-    MLP) the check assumes the outcome that leaves later passes the most room and names the sub-block kind
-    in ``uncertain``: checks refuse only what must fail, the passes' own checks at run time do the rest.
-    """
-
-    graph: CheckpointGraph
-    ctx: PassContext
-    uncertain: set[str] = field(default_factory=set)
-    history: list[str] = field(default_factory=list)  # "layer_drop drops 2 attention sub-block(s)", ...
-
-    def after(self) -> str:
-        """`` (after layer_drop drops 2 attention sub-block(s))`` once an earlier pass changed the structure."""
-        return f" (after {'; '.join(self.history)})" if self.history else ""
-
-
-@dataclass
-class PassContext:
-    """What passes may use: the tokenizer, calibration data, a model built from the current graph."""
-
-    tokenizer: Any
-    calibration: CalibrationSpec
-    evaluation: EvaluationSpec
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    progress: bool = True
-    log: Callable[[str], None] = print
-    output_dir: Path | None = None  # where passes may write artefacts (plots); set by the converter
-    artefacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content, written with the output
-    _windows: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def calibration_windows(self, source: str | None = None) -> torch.Tensor:
-        """``LongTensor[samples, seq_len]`` from ``source`` (default: the first calibration source)."""
-        from .calibration import sample_windows
-
-        source = source or self.calibration.sources[0]
-        if source not in self._windows:
-            c = self.calibration
-            self._windows[source] = sample_windows(self.tokenizer, source, c.samples, c.seq_len, c.seed)
-        return self._windows[source]
-
-    def build_model(self, graph: CheckpointGraph, attn_implementation: str = "sdpa") -> torch.nn.Module:
-        return graph.build_model(dtype=self.dtype, device=self.device, attn_implementation=attn_implementation)
-
-    def perplexity(self, graph_or_model: CheckpointGraph | torch.nn.Module, spec: str | None = None) -> float:
-        from .evaluation import perplexity
-
-        model = self.build_model(graph_or_model) if isinstance(graph_or_model, CheckpointGraph) else graph_or_model
-        spec = spec or self.evaluation.ppl
-        if spec is None:
-            raise SlimformerError("this pass needs an evaluation source", fix="pass --eval-ppl SPEC")
-        e = self.evaluation
-        return perplexity(model, self.tokenizer, spec, window=e.window, max_tokens=e.max_tokens, progress=self.progress).perplexity
-
-
-def structural_copy(graph: CheckpointGraph) -> CheckpointGraph:
-    """A copy of ``graph`` whose node states, details and cache policy can change without touching the
-    original; the tensors are the same lazy references, never loaded."""
-
-    def node(n: Any) -> Any:
-        return dataclasses.replace(n, tensors=dict(n.tensors), details=copy.deepcopy(n.details))
-
-    blocks = [dataclasses.replace(b, attention=node(b.attention), mlp=node(b.mlp), cache_policy=copy.deepcopy(b.cache_policy))
-              for b in graph.blocks]
-    return dataclasses.replace(graph, embeddings=node(graph.embeddings), blocks=blocks, final_norm=node(graph.final_norm),
-                               head=node(graph.head), kv_cache=copy.deepcopy(graph.kv_cache))
 
 
 def dry_run(graph: CheckpointGraph, passes: list[Pass], ctx: PassContext) -> DryRun:
@@ -424,5 +303,7 @@ def run_pipeline(graph: CheckpointGraph, passes: list[Pass], ctx: PassContext) -
         changes = p.run(graph, ctx)
         duration = time.perf_counter() - start
         ctx.log(f"[slimformer] pass {p.name} done in {duration:.1f}s")
-        records.append({"name": p.name, "params": p.params(), "duration_s": round(duration, 3), "changes": changes})
+        records.append(
+            {"name": p.name, "params": p.params(), "duration_s": round(duration, 3), "changes": changes}
+        )
     return records

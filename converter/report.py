@@ -45,12 +45,17 @@ def load_report(directory: str | Path) -> dict[str, Any]:
 
     path = Path(directory) / REPORT_JSON
     if not path.is_file():
-        raise SlimformerError("no report.json in this directory", where=str(directory),
-                              fix="point at a directory written by `slimformer convert`")
+        raise SlimformerError(
+            "no report.json in this directory",
+            where=str(directory),
+            fix="point at a directory written by `slimformer convert`",
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise SlimformerError(f"report.json is not valid JSON: {exc}", where=str(path), fix="re-run the conversion") from exc
+        raise SlimformerError(
+            f"report.json is not valid JSON: {exc}", where=str(path), fix="re-run the conversion"
+        ) from exc
 
 
 def _json_default(value: Any) -> Any:
@@ -86,8 +91,10 @@ def eviction_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _eviction_label(evicted: dict[str, Any]) -> str:
-    return (f"perplexity on {evicted.get('source')}, {evicted.get('n_windows')} window(s) of {evicted.get('prompt_len')} "
-            f"prompt + {evicted.get('continuation')} decoded tokens")
+    return (
+        f"perplexity on {evicted.get('source')}, {evicted.get('n_windows')} window(s) of {evicted.get('prompt_len')} "
+        f"prompt + {evicted.get('continuation')} decoded tokens"
+    )
 
 
 def _eviction_change(evicted: dict[str, Any]) -> str:
@@ -102,17 +109,31 @@ def _eviction_change(evicted: dict[str, Any]) -> str:
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """Before/after rows of the conversion: parameters, KV bytes, and the weights' perplexity."""
     rows = [
-        ("parameters", f"{report['params_before']:,}", f"{report['params_after']:,}",
-         _ratio(report["params_before"], report["params_after"])),
-        ("KV cache bytes/token (fp32)", f"{report['kv_bytes_per_token_before']:,}", f"{report['kv_bytes_per_token_after']:,}",
-         _ratio(report["kv_bytes_per_token_before"], report["kv_bytes_per_token_after"])),
+        (
+            "parameters",
+            f"{report['params_before']:,}",
+            f"{report['params_after']:,}",
+            _ratio(report["params_before"], report["params_after"]),
+        ),
+        (
+            "KV cache bytes/token (fp32)",
+            f"{report['kv_bytes_per_token_before']:,}",
+            f"{report['kv_bytes_per_token_after']:,}",
+            _ratio(report["kv_bytes_per_token_before"], report["kv_bytes_per_token_after"]),
+        ),
     ]
     evaluation = report.get("evaluation") or {}
     before, after = evaluation.get("perplexity_before"), evaluation.get("perplexity_after")
     if before is not None and after is not None:
         # One forward per window, so no cache ever evicts: this measures the weights. Eviction has its own table.
-        rows.append((f"perplexity of the weights ({evaluation.get('source')})", f"{before:.3f}", f"{after:.3f}",
-                     _ratio(before, after)))
+        rows.append(
+            (
+                f"perplexity of the weights ({evaluation.get('source')})",
+                f"{before:.3f}",
+                f"{after:.3f}",
+                _ratio(before, after),
+            )
+        )
     return rows
 
 
@@ -122,8 +143,11 @@ def _describe_cache(policy: dict[str, Any]) -> str:
         size = f"{policy['budget_ratio']:.0%} of the prompt"
     else:
         size = f"{policy.get('budget')} tokens"
-    parts = [f"{key} {policy[key]:.0%}" if key == "recent_ratio" else f"{key} {policy[key]}"
-             for key in ("sink", "recent", "recent_ratio") if key in policy]
+    parts = [
+        f"{key} {policy[key]:.0%}" if key == "recent_ratio" else f"{key} {policy[key]}"
+        for key in ("sink", "recent", "recent_ratio")
+        if key in policy
+    ]
     text = f"KV {policy.get('policy')}: {size}" + (f" ({', '.join(parts)})" if parts else "")
     return text + (f", alpha {policy['alpha']}" if "alpha" in policy else "")
 
@@ -139,18 +163,29 @@ def _layer_notes(layer: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
     lines = [f"# slimformer report: {_title(report)}", ""]
-    lines += [f"Family **{report['source']['family']}**, {report['source']['num_layers']} layers. "
-              f"Output written {report.get('created', '')}.", ""]
+    lines += [
+        f"Family **{report['source']['family']}**, {report['source']['num_layers']} layers. "
+        f"Output written {report.get('created', '')}.",
+        "",
+    ]
     lines += [f"- {note}" for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
     lines += ["| | before | after | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(report)]
     evictions = eviction_rows(report)
     if evictions:
-        lines += ["", "KV-cache eviction, decode protocol (the prompt is prefilled and evicted to the budget, the "
-                      "continuation is decoded through the cache and scored):", "",
-                  "| | full cache | evicting cache | change from eviction |", "|---|---:|---:|---:|"]
-        lines += [f"| {_eviction_label(e)} | {e['full_cache_perplexity']:.3f} | {e['perplexity']:.3f} | "
-                  f"{_eviction_change(e)} |" for e in evictions]
+        lines += [
+            "",
+            "KV-cache eviction, decode protocol (the prompt is prefilled and evicted to the budget, the "
+            "continuation is decoded through the cache and scored):",
+            "",
+            "| | full cache | evicting cache | change from eviction |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {_eviction_label(e)} | {e['full_cache_perplexity']:.3f} | {e['perplexity']:.3f} | "
+            f"{_eviction_change(e)} |"
+            for e in evictions
+        ]
     lines += ["", "## Passes", ""]
     if not report["passes"]:
         lines.append("Identity pipeline: no pass changed the model.")
@@ -172,7 +207,9 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
         lines += ["", "## Speed", "", "| | prefill tok/s | decode tok/s |", "|---|---:|---:|"]
         for key in ("before", "after"):
             if key in speed:
-                lines.append(f"| {key} | {speed[key]['prefill_tokens_per_s']:.1f} | {speed[key]['decode_tokens_per_s']:.1f} |")
+                lines.append(
+                    f"| {key} | {speed[key]['prefill_tokens_per_s']:.1f} | {speed[key]['decode_tokens_per_s']:.1f} |"
+                )
     lines += ["", "## Versions", ""] + [f"- {k} {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"
 
@@ -180,16 +217,22 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
 def render_terminal(report: dict[str, Any]) -> str:
     rows = headline_rows(report)
     width = max(len(row[0]) for row in rows)
-    out = [f"slimformer report -- {_title(report)} ({report['source']['family']}, "
-           f"{report['source']['num_layers']} layers)", ""]
+    out = [
+        f"slimformer report -- {_title(report)} ({report['source']['family']}, "
+        f"{report['source']['num_layers']} layers)",
+        "",
+    ]
     out += [f"note: {note}" for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
     out.append(f"{'':<{width}} {'before':>14} {'after':>14} {'change':>9}")
     for name, before, after, change in rows:
         out.append(f"{name:<{width}} {before:>14} {after:>14} {change:>9}")
     for evicted in eviction_rows(report):
-        out += ["", f"KV-cache eviction, decode protocol: {_eviction_label(evicted)}",
-                f"  full cache {evicted['full_cache_perplexity']:.3f}, evicting cache {evicted['perplexity']:.3f}, "
-                f"change from eviction {_eviction_change(evicted)}"]
+        out += [
+            "",
+            f"KV-cache eviction, decode protocol: {_eviction_label(evicted)}",
+            f"  full cache {evicted['full_cache_perplexity']:.3f}, evicting cache {evicted['perplexity']:.3f}, "
+            f"change from eviction {_eviction_change(evicted)}",
+        ]
     out.append("")
     if report["passes"]:
         for record in report["passes"]:
@@ -209,11 +252,18 @@ def render_summary(report: dict[str, Any]) -> str:
     """What ``slimformer convert`` prints on stdout: the outcome in a few lines and where the report is.
     The full report is ``slimformer report OUT`` (so ``make demo``, which runs both, prints it once)."""
     lines = [f"converted {report['source']['spec']} -> {report.get('output')}"]
-    lines += [f"  {name}: {before} -> {after} ({change})" for name, before, after, change in headline_rows(report)]
-    lines += [f"  KV-cache eviction ({_eviction_label(e)}): full cache {e['full_cache_perplexity']:.3f} -> evicting "
-              f"cache {e['perplexity']:.3f} ({_eviction_change(e)})" for e in eviction_rows(report)]
+    lines += [
+        f"  {name}: {before} -> {after} ({change})" for name, before, after, change in headline_rows(report)
+    ]
+    lines += [
+        f"  KV-cache eviction ({_eviction_label(e)}): full cache {e['full_cache_perplexity']:.3f} -> evicting "
+        f"cache {e['perplexity']:.3f} ({_eviction_change(e)})"
+        for e in eviction_rows(report)
+    ]
     lines += [f"  note: {note}" for note in report.get("notes", [])]
-    lines.append(f"full report: slimformer report {report.get('output')}  (or {Path(str(report.get('output'))) / REPORT_MD})")
+    lines.append(
+        f"full report: slimformer report {report.get('output')}  (or {Path(str(report.get('output'))) / REPORT_MD})"
+    )
     return "\n".join(lines)
 
 
@@ -236,7 +286,13 @@ def plot_layers(report: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
     ax.set_xlabel("layer")
     # A legend below the map, and a tight bounding box when saving, so it is never cut off on a few layers.
-    ax.legend(handles=[Patch(color=c, label=name) for name, c in zip(states, colors)], loc="upper center",
-              bbox_to_anchor=(0.5, -0.32), ncol=3, fontsize=8, frameon=False)
+    ax.legend(
+        handles=[Patch(color=c, label=name) for name, c in zip(states, colors)],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.32),
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+    )
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -76,18 +76,27 @@ def resolve_source(
             bare_name = "/" not in text and "\\" not in text
             raise SlimformerError(
                 f"checkpoint directory {text!r} does not exist",
-                fix=(f"give an existing local directory; for a Hub model write its full id 'org/{text}' "
-                     "(legacy ids without an org are not looked up, so a mistyped path never goes to the network)")
-                if bare_name else "give an existing local directory or a Hub id such as 'org/model'",
+                fix=(
+                    f"give an existing local directory; for a Hub model write its full id 'org/{text}' "
+                    "(legacy ids without an org are not looked up, so a mistyped path never goes to the network)"
+                )
+                if bare_name
+                else "give an existing local directory or a Hub id such as 'org/model'",
             )
         path = _download(text, allow_pickle=allow_pickle, revision=revision)
         is_hub = True
     if not path.is_dir():
         raise SlimformerError(
-            "checkpoint source is a file, not a directory", where=str(path), fix="pass the directory that holds config.json"
+            "checkpoint source is a file, not a directory",
+            where=str(path),
+            fix="pass the directory that holds config.json",
         )
     if not any(path.iterdir()):
-        raise SlimformerError("checkpoint directory is empty", where=str(path), fix="point at a directory with config.json and weights")
+        raise SlimformerError(
+            "checkpoint directory is empty",
+            where=str(path),
+            fix="point at a directory with config.json and weights",
+        )
     config = _read_config(path)
     _check_remote_code(path, config, trust_remote_code)
     weight_files, weight_format, tensor_files = _find_weights(path, allow_pickle)
@@ -121,7 +130,9 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
         patterns += ["*.bin", "*.pt", "*.pth"]
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
+        )
     except LocalEntryNotFoundError as exc:
         raise SlimformerError(
             f"Hub model {repo_id!r} is not in the local cache and the Hub cannot be reached (offline)",
@@ -129,7 +140,8 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
         ) from exc
     except RevisionNotFoundError as exc:
         raise SlimformerError(
-            f"Hub model {repo_id!r} has no revision {revision!r}", fix="check the branch, tag or commit after '@'"
+            f"Hub model {repo_id!r} has no revision {revision!r}",
+            fix="check the branch, tag or commit after '@'",
         ) from exc
     except RepositoryNotFoundError as exc:  # also gated models without access (GatedRepoError)
         raise SlimformerError(
@@ -146,13 +158,23 @@ def _download(repo_id: str, *, allow_pickle: bool, revision: str | None) -> Path
 def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise SlimformerError("no config.json in checkpoint directory", where=str(path), fix="point at a Hugging Face model directory")
+        raise SlimformerError(
+            "no config.json in checkpoint directory",
+            where=str(path),
+            fix="point at a Hugging Face model directory",
+        )
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SlimformerError(f"config.json is not valid JSON: {exc}", where=str(config_path), fix="restore the file") from exc
+        raise SlimformerError(
+            f"config.json is not valid JSON: {exc}", where=str(config_path), fix="restore the file"
+        ) from exc
     if not isinstance(config, dict) or "model_type" not in config:
-        raise SlimformerError("config.json has no 'model_type'", where=str(config_path), fix="restore the model's original config")
+        raise SlimformerError(
+            "config.json has no 'model_type'",
+            where=str(config_path),
+            fix="restore the model's original config",
+        )
     return config
 
 
@@ -182,14 +204,18 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str, dict
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise SlimformerError(
-                f"{SAFETENSORS_INDEX} is malformed ({exc})", where=str(index_path), fix="restore the index file from the original checkpoint"
+                f"{SAFETENSORS_INDEX} is malformed ({exc})",
+                where=str(index_path),
+                fix="restore the index file from the original checkpoint",
             ) from exc
         tensor_files = {name: path / file for name, file in weight_map.items()}
         files = sorted(set(tensor_files.values()))
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise SlimformerError(
-                f"sharded checkpoint is missing shard(s) {', '.join(missing)}", where=str(path), fix="download every shard listed in the index"
+                f"sharded checkpoint is missing shard(s) {', '.join(missing)}",
+                where=str(path),
+                fix="download every shard listed in the index",
             )
         return files, "safetensors", tensor_files
     files = sorted(path.glob("*.safetensors"))
@@ -210,7 +236,7 @@ def _find_weights(path: Path, allow_pickle: bool) -> tuple[list[Path], str, dict
             "this directory is an ONNX export (model.onnx), not a PyTorch checkpoint",
             where=str(path),
             fix=f"generate with `slimformer generate {path} --runtime onnx ...`; convert, eval and export "
-                "need the converted checkpoint it was exported from",
+            "need the converted checkpoint it was exported from",
         )
     raise SlimformerError(
         "checkpoint has a config but no weights (*.safetensors, model.safetensors.index.json)",

@@ -50,6 +50,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's data and optimiser helpers
+from slimformer.converter.runtime import SlimformerConfig, SlimformerForCausalLM  # noqa: E402
+from slimformer.converter.runtime.configuration_slimformer import default_block_config  # noqa: E402
 from train_tiny_lm import (  # noqa: E402
     consecutive_windows,
     encode_documents,
@@ -61,9 +63,6 @@ from train_tiny_lm import (  # noqa: E402
     seed_everything,
     train_tokenizer,
 )
-
-from converter.runtime import SlimformerConfig, SlimformerForCausalLM  # noqa: E402
-from converter.runtime.configuration_slimformer import default_block_config  # noqa: E402
 
 KINDS = ("prenorm", "sas", "sas_p", "sas_p_nonorm")
 LABELS = {"prenorm": "Pre-LN", "sas": "SAS", "sas_p": "SAS-P", "sas_p_nonorm": "SAS-P, no norm"}
@@ -77,33 +76,73 @@ PAPER = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="prenorm,sas,sas_p", help=f"comma-separated, from {', '.join(KINDS)}")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sas_training"), help="writes OUT.json and OUT.png")
-    parser.add_argument("--save-dir", type=Path, default=None, help="also save each trained model under DIR/KIND")
+    parser.add_argument(
+        "--models", default="prenorm,sas,sas_p", help=f"comma-separated, from {', '.join(KINDS)}"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results/sas_training"),
+        help="writes OUT.json and OUT.png",
+    )
+    parser.add_argument(
+        "--save-dir", type=Path, default=None, help="also save each trained model under DIR/KIND"
+    )
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per model")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=None, help="SwiGLU width (default ~2.75 x hidden)")
+    parser.add_argument(
+        "--intermediate", type=int, default=None, help="SwiGLU width (default ~2.75 x hidden)"
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--min-lr-ratio", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--value-proj", choices=("identity", "reparam"), default="identity",
-                        help="SAS value/projection maps: the identity (first layer's value trainable) or alpha I + beta dW everywhere")
-    parser.add_argument("--mlp-gain", type=float, default=None, help="beta_FF at initialisation (default 0.1 * sqrt(18 / layers))")
-    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the train split")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer instead of training one")
-    parser.add_argument("--max-files", type=int, default=0, help="use only this many files per split (0: all; for smoke tests)")
-    parser.add_argument("--eval-windows", type=int, default=64, help="validation windows scored after training")
-    parser.add_argument("--timing-rounds", type=int, default=3, help="interleaved throughput rounds after training (0: none)")
-    parser.add_argument("--timing-steps", type=int, default=10, help="training steps timed per model and round")
-    parser.add_argument("--throughput-only", action="store_true",
-                        help="only time training steps of freshly initialised models (interleaved); writes OUT_throughput.json")
+    parser.add_argument(
+        "--value-proj",
+        choices=("identity", "reparam"),
+        default="identity",
+        help="SAS value/projection maps: the identity (first layer's value trainable) or alpha I + beta dW everywhere",
+    )
+    parser.add_argument(
+        "--mlp-gain",
+        type=float,
+        default=None,
+        help="beta_FF at initialisation (default 0.1 * sqrt(18 / layers))",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the train split"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="use this tokenizer instead of training one"
+    )
+    parser.add_argument(
+        "--max-files",
+        type=int,
+        default=0,
+        help="use only this many files per split (0: all; for smoke tests)",
+    )
+    parser.add_argument(
+        "--eval-windows", type=int, default=64, help="validation windows scored after training"
+    )
+    parser.add_argument(
+        "--timing-rounds", type=int, default=3, help="interleaved throughput rounds after training (0: none)"
+    )
+    parser.add_argument(
+        "--timing-steps", type=int, default=10, help="training steps timed per model and round"
+    )
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only time training steps of freshly initialised models (interleaved); writes OUT_throughput.json",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is steadier on a shared machine)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
@@ -133,20 +172,33 @@ def block_configs(kind: str, layers: int, value_proj: str = "identity") -> list[
     return configs
 
 
-def build_model(kind: str, args: argparse.Namespace, vocab_size: int, eos_id: int, pad_id: int) -> SlimformerForCausalLM:
+def build_model(
+    kind: str, args: argparse.Namespace, vocab_size: int, eos_id: int, pad_id: int
+) -> SlimformerForCausalLM:
     """A freshly initialised model of ``kind``; every kind has the same depth, width, heads and MLP."""
     intermediate = args.intermediate or 32 * round(2.75 * args.hidden / 32)
     config = SlimformerConfig(
-        base_model_type="llama", block_configs=block_configs(kind, args.layers, args.value_proj),
-        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(512, args.seq_len), rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        base_model_type="llama",
+        block_configs=block_configs(kind, args.layers, args.value_proj),
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(512, args.seq_len),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
     )
     torch.manual_seed(args.seed)
     model = SlimformerForCausalLM(config)
     if kind != "prenorm":
-        initialise_sas(model, args.mlp_gain if args.mlp_gain is not None else 0.1 * math.sqrt(18 / args.layers))
+        initialise_sas(
+            model, args.mlp_gain if args.mlp_gain is not None else 0.1 * math.sqrt(18 / args.layers)
+        )
     return model
 
 
@@ -177,11 +229,17 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: 
     return loss.item()
 
 
-def train(model: SlimformerForCausalLM, stream: torch.Tensor, args: argparse.Namespace, label: str) -> dict[str, Any]:
+def train(
+    model: SlimformerForCausalLM, stream: torch.Tensor, args: argparse.Namespace, label: str
+) -> dict[str, Any]:
     """Train with the shared schedule and batch order; returns the per-step losses and timing."""
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.min_lr_ratio))
-    generator = torch.Generator().manual_seed(args.seed)  # the same batches, in the same order, for every model
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, args.warmup, args.steps, args.min_lr_ratio)
+    )
+    generator = torch.Generator().manual_seed(
+        args.seed
+    )  # the same batches, in the same order, for every model
     losses: list[float] = []
     model.train()
     skip = min(5, args.steps - 1)  # the first steps include allocator and kernel warm-up
@@ -189,12 +247,20 @@ def train(model: SlimformerForCausalLM, stream: torch.Tensor, args: argparse.Nam
     for step in range(1, args.steps + 1):
         if step == skip + 1:
             timed_from = time.perf_counter()
-        losses.append(train_step(model, optimizer, sample_batch(stream, args.batch_size, args.seq_len, generator).to(args.device)))
+        losses.append(
+            train_step(
+                model,
+                optimizer,
+                sample_batch(stream, args.batch_size, args.seq_len, generator).to(args.device),
+            )
+        )
         schedule.step()
         if step % args.log_every == 0 or step == args.steps:
             elapsed = time.perf_counter() - started
             recent = losses[-args.log_every :]
-            log(f"{label:>14} step {step:5d}/{args.steps}  loss {sum(recent) / len(recent):.4f}  {elapsed:.0f}s")
+            log(
+                f"{label:>14} step {step:5d}/{args.steps}  loss {sum(recent) / len(recent):.4f}  {elapsed:.0f}s"
+            )
     seconds = time.perf_counter() - timed_from
     return {
         "loss_per_step": [round(loss, 5) for loss in losses],
@@ -204,15 +270,24 @@ def train(model: SlimformerForCausalLM, stream: torch.Tensor, args: argparse.Nam
 
 
 @torch.no_grad()
-def validation_loss(model: SlimformerForCausalLM, windows: torch.Tensor, batch_size: int, device: str) -> float:
+def validation_loss(
+    model: SlimformerForCausalLM, windows: torch.Tensor, batch_size: int, device: str
+) -> float:
     model.eval()
-    total = sum(model(input_ids=windows[i : i + batch_size].to(device), labels=windows[i : i + batch_size].to(device)).loss.item()
-                * len(windows[i : i + batch_size]) for i in range(0, len(windows), batch_size))
+    total = sum(
+        model(
+            input_ids=windows[i : i + batch_size].to(device), labels=windows[i : i + batch_size].to(device)
+        ).loss.item()
+        * len(windows[i : i + batch_size])
+        for i in range(0, len(windows), batch_size)
+    )
     model.train()
     return total / len(windows)
 
 
-def interleaved_throughput(models: dict[str, SlimformerForCausalLM], stream: torch.Tensor, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def interleaved_throughput(
+    models: dict[str, SlimformerForCausalLM], stream: torch.Tensor, args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
     """Training tokens/s of each model, timed in alternation so that load on a shared machine affects all models
     alike: per round, ``--timing-steps`` real optimizer steps per model (after one warm-up step). Returns the
     median and the best round per model, and every round. The steps use a negligible learning rate."""
@@ -222,7 +297,10 @@ def interleaved_throughput(models: dict[str, SlimformerForCausalLM], stream: tor
     rounds: dict[str, list[float]] = {kind: [] for kind in models}
     for _ in range(args.timing_rounds):
         for kind, model in models.items():
-            batches = [sample_batch(stream, args.batch_size, args.seq_len, generator).to(args.device) for _ in range(args.timing_steps + 1)]
+            batches = [
+                sample_batch(stream, args.batch_size, args.seq_len, generator).to(args.device)
+                for _ in range(args.timing_steps + 1)
+            ]
             train_step(model, optimizers[kind], batches[0])  # warm-up
             _sync(args.device)
             started = time.perf_counter()
@@ -230,8 +308,10 @@ def interleaved_throughput(models: dict[str, SlimformerForCausalLM], stream: tor
                 train_step(model, optimizers[kind], batch)
             _sync(args.device)
             rounds[kind].append(tokens / (time.perf_counter() - started))
-    return {kind: {"median": statistics.median(values), "best": max(values), "rounds": [round(v) for v in values]}
-            for kind, values in rounds.items()}
+    return {
+        kind: {"median": statistics.median(values), "best": max(values), "rounds": [round(v) for v in values]}
+        for kind, values in rounds.items()
+    }
 
 
 def throughput_only(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,8 +327,11 @@ def throughput_only(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment(args),
         "tokens_per_s": measured,
         "params": {kind: parameter_counts(model) for kind, model in models.items()},
-        "ratio_vs_prenorm": {kind: {"median": m["median"] / base["median"], "best": m["best"] / base["best"]}
-                             for kind, m in measured.items() if base and kind != "prenorm"},
+        "ratio_vs_prenorm": {
+            kind: {"median": m["median"] / base["median"], "best": m["best"] / base["best"]}
+            for kind, m in measured.items()
+            if base and kind != "prenorm"
+        },
     }
     path = args.out.with_name(args.out.name + "_throughput.json")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,8 +341,13 @@ def throughput_only(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-            "device": args.device, "processor": platform.processor() or platform.machine()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "device": args.device,
+        "processor": platform.processor() or platform.machine(),
+    }
 
 
 def _sync(device: str) -> None:
@@ -288,10 +376,14 @@ def plot(record: dict[str, Any], path: Path) -> None:
     for kind, result in record["models"].items():
         losses = result["loss_per_step"]
         steps = range(1, len(losses) + 1)
-        line = ax.plot(steps, smooth(losses), label=f"{LABELS[kind]} ({result['params']['total'] / 1e6:.2f}M params)")
+        line = ax.plot(
+            steps, smooth(losses), label=f"{LABELS[kind]} ({result['params']['total'] / 1e6:.2f}M params)"
+        )
         ax.plot(steps, losses, color=line[0].get_color(), alpha=0.15, linewidth=0.8)
     s = record["settings"]
-    ax.set_title(f"{s['layers']} layers, d={s['hidden']}, context {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']:g}")
+    ax.set_title(
+        f"{s['layers']} layers, d={s['hidden']}, context {s['seq_len']}, batch {s['batch_size']}, lr {s['lr']:g}"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (EMA 0.9; raw faint)")
     low = min(min(r["loss_per_step"]) for r in record["models"].values())
@@ -315,11 +407,17 @@ def comparison(models: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
         tail = max(1, len(result["loss_per_step"]) // 10)
         rows[kind] = {
             "param_reduction_total": 1 - result["params"]["total"] / base["params"]["total"],
-            "param_reduction_non_embedding": 1 - result["params"]["non_embedding"] / base["params"]["non_embedding"],
-            "throughput_ratio_interleaved": (result["tokens_per_s_interleaved"]["median"] / base["tokens_per_s_interleaved"]["median"]
-                                             if result.get("tokens_per_s_interleaved") else None),
-            "throughput_ratio_during_training": result["tokens_per_s_during_training"] / base["tokens_per_s_during_training"],
-            "final_train_loss_gap": statistics.mean(result["loss_per_step"][-tail:]) - statistics.mean(base["loss_per_step"][-tail:]),
+            "param_reduction_non_embedding": 1
+            - result["params"]["non_embedding"] / base["params"]["non_embedding"],
+            "throughput_ratio_interleaved": (
+                result["tokens_per_s_interleaved"]["median"] / base["tokens_per_s_interleaved"]["median"]
+                if result.get("tokens_per_s_interleaved")
+                else None
+            ),
+            "throughput_ratio_during_training": result["tokens_per_s_during_training"]
+            / base["tokens_per_s_during_training"],
+            "final_train_loss_gap": statistics.mean(result["loss_per_step"][-tail:])
+            - statistics.mean(base["loss_per_step"][-tail:]),
             "valid_loss_gap": result["valid_loss"] - base["valid_loss"],
         }
     return rows
@@ -339,19 +437,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         tokenizer = train_tokenizer(train_docs, args.vocab_size)
-    train_stream, valid_stream = encode_documents(tokenizer, train_docs), encode_documents(tokenizer, valid_docs)
+    train_stream, valid_stream = (
+        encode_documents(tokenizer, train_docs),
+        encode_documents(tokenizer, valid_docs),
+    )
     valid_windows = consecutive_windows(valid_stream, args.seq_len, args.eval_windows)
-    log(f"data: {len(train_stream):,} train / {len(valid_stream):,} valid tokens, vocabulary {len(tokenizer)}")
+    log(
+        f"data: {len(train_stream):,} train / {len(valid_stream):,} valid tokens, vocabulary {len(tokenizer)}"
+    )
 
     models: dict[str, SlimformerForCausalLM] = {}
     results: dict[str, dict[str, Any]] = {}
     for kind in args.models:
-        model = build_model(kind, args, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(args.device)
+        model = build_model(kind, args, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(
+            args.device
+        )
         params = parameter_counts(model)
-        log(f"{LABELS[kind]}: {params['total']:,} parameters ({params['non_embedding']:,} outside the embeddings)")
+        log(
+            f"{LABELS[kind]}: {params['total']:,} parameters ({params['non_embedding']:,} outside the embeddings)"
+        )
         result = {"params": params, **train(model, train_stream, args, LABELS[kind])}
         result["valid_loss"] = validation_loss(model, valid_windows, args.batch_size, args.device)
-        log(f"{LABELS[kind]}: valid loss {result['valid_loss']:.4f}, {result['tokens_per_s_during_training']:,.0f} tok/s")
+        log(
+            f"{LABELS[kind]}: valid loss {result['valid_loss']:.4f}, {result['tokens_per_s_during_training']:,.0f} tok/s"
+        )
         models[kind], results[kind] = model, result
         if args.save_dir is not None:
             model.save_pretrained(args.save_dir / kind, safe_serialization=True)
@@ -364,8 +473,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "description": "Pre-LN vs simplified transformer blocks trained from scratch on the stdlib corpus (examples/train_sas.py)",
         "command": shlex.join(["python", "examples/train_sas.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": {"train_tokens": len(train_stream), "valid_tokens": len(valid_stream), "vocab_size": len(tokenizer),
-                 "valid_windows": len(valid_windows)},
+        "data": {
+            "train_tokens": len(train_stream),
+            "valid_tokens": len(valid_stream),
+            "vocab_size": len(tokenizer),
+            "valid_windows": len(valid_windows),
+        },
         "environment": environment(args),
         "models": results,
         "comparison_vs_prenorm": comparison(results),

@@ -40,10 +40,9 @@ from pathlib import Path
 import tokenizers
 import torch
 import transformers
+from slimformer.converter.calibration import stdlib_files
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from converter.calibration import stdlib_files
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

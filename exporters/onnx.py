@@ -50,10 +50,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.runtime.masks import grouped_probabilities
 from torch import nn
-
-from converter.errors import SlimformerError
-from converter.runtime.masks import grouped_probabilities
 
 from . import onnx_cache_op
 from .onnx_runtime import (
@@ -68,7 +67,14 @@ from .onnx_runtime import (
     present_name,
 )
 
-__all__ = ["OnnxDecoder", "OnnxExportOptions", "TracedCache", "export_onnx", "generate_text", "validate_export"]
+__all__ = [
+    "OnnxDecoder",
+    "OnnxExportOptions",
+    "TracedCache",
+    "export_onnx",
+    "generate_text",
+    "validate_export",
+]
 
 MIN_OPSET, MAX_OPSET = 18, 20  # 18: the exporter's default; 20: the TorchScript exporter's newest
 IR_VERSION = 10  # opset 18-20 need IR >= 8; onnxruntime 1.31 reads at most 13
@@ -109,8 +115,11 @@ class OnnxDecoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         cache = TracedCache(self.config, past_key_values, self.evicting, cache_alpha, cache_limits)
         logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
         ).logits
         outputs = {"logits": logits.float()}
         for slot, layer in enumerate(cache.layers):
@@ -180,7 +189,9 @@ class TracedCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.layers[slot]
         new_valid = (cache_kwargs or {}).get("new_valid")
-        self.new_valid[slot] = new_valid if new_valid is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool)
+        self.new_valid[slot] = (
+            new_valid if new_valid is not None else torch.ones(key.shape[0], key.shape[2], dtype=torch.bool)
+        )
         layer.keys = torch.cat([layer.keys, key], dim=2)
         layer.values = torch.cat([layer.values, value], dim=2)
         return layer.keys, layer.values
@@ -189,7 +200,9 @@ class TracedCache:
         layer = self.layers[slot]
         # The runtime's own helper (converter/runtime/masks.py), ungrouped to the op's [B, H, q, P].
         batch, heads, q_len, _ = query.shape
-        probs = grouped_probabilities(query, layer.keys, bias, scaling).reshape(batch, heads, q_len, layer.keys.shape[2])
+        probs = grouped_probabilities(query, layer.keys, bias, scaling).reshape(
+            batch, heads, q_len, layer.keys.shape[2]
+        )
         layer.keys, layer.values, layer.scores = onnx_cache_op.A2SFCacheUpdate.apply(
             layer.keys, layer.values, layer.scores, probs, self.new_valid[slot], self.alpha, self.limits[slot]
         )
@@ -208,13 +221,14 @@ class OnnxExportOptions:
     quiet: bool = False
 
 
-def export_onnx(ckpt: str | Path, out: str | Path, options: OnnxExportOptions | None = None) -> dict[str, Any]:
+def export_onnx(
+    ckpt: str | Path, out: str | Path, options: OnnxExportOptions | None = None
+) -> dict[str, Any]:
     """Export the converted checkpoint ``ckpt`` into the directory ``out``; returns the metadata written."""
-    from converter.graph import load_graph
-    from converter.runtime.kv_cache import CachePolicy
-    from converter.source import resolve_source
-
-    from .safetensors import atomic_output_dir, check_output_location
+    from slimformer.converter.graph import load_graph
+    from slimformer.converter.outputs import atomic_output_dir, check_output_location
+    from slimformer.converter.runtime.kv_cache import CachePolicy
+    from slimformer.converter.source import resolve_source
 
     options = options or OnnxExportOptions()
     log = _logger(options.quiet)
@@ -229,20 +243,28 @@ def export_onnx(ckpt: str | Path, out: str | Path, options: OnnxExportOptions | 
         )
     graph = load_graph(source)
     if graph.is_encoder:
-        raise SlimformerError("ONNX export supports decoders (causal LMs); this checkpoint is an encoder", where=str(source.path))
+        raise SlimformerError(
+            "ONNX export supports decoders (causal LMs); this checkpoint is an encoder",
+            where=str(source.path),
+        )
 
     config = graph.runtime_config()
     try:
         policy = CachePolicy.from_dict(dict(graph.kv_cache)) if graph.kv_cache else None
     except ValueError as exc:
-        raise SlimformerError(f"the checkpoint's kv_cache config is invalid: {exc}", where=str(source.path / "config.json"),
-                              fix="re-run the conversion, or fix kv_cache in config.json") from exc
+        raise SlimformerError(
+            f"the checkpoint's kv_cache config is invalid: {exc}",
+            where=str(source.path / "config.json"),
+            fix="re-run the conversion, or fix kv_cache in config.json",
+        ) from exc
     onnx_cache_op.check_policy(policy, str(source.path / "config.json"))
     evicting = (policy is not None and policy.evicts) if options.cache_op is None else options.cache_op
     slots = config.cache_layer_indices
     if evicting and not slots:
         if options.cache_op:
-            raise SlimformerError("--cache-op needs a layer that keeps attention; this model has none", where=str(source.path))
+            raise SlimformerError(
+                "--cache-op needs a layer that keeps attention; this model has none", where=str(source.path)
+            )
         evicting = False
     if policy is not None and policy.evicts and not evicting:
         log("[slimformer] exporting without the cache op: the graph keeps every token (no eviction)")
@@ -252,10 +274,17 @@ def export_onnx(ckpt: str | Path, out: str | Path, options: OnnxExportOptions | 
     model = graph.build_model(dtype=dtype, attn_implementation="eager")
     started = time.perf_counter()
     with atomic_output_dir(out, overwrite=options.overwrite) as tmp:
-        log(f"[slimformer] exporting {len(config.block_configs)} layers ({len(slots)} cache slots"
-            f"{', A2SF cache op' if evicting else ''}) to ONNX opset {options.opset}, {options.dtype} ...")
-        names = _export_graph(OnnxDecoder(model, evicting=evicting), tmp, options.opset, dtype,
-                              {"cache_layers": slots, "kv_cache": policy.to_dict() if policy else None})
+        log(
+            f"[slimformer] exporting {len(config.block_configs)} layers ({len(slots)} cache slots"
+            f"{', A2SF cache op' if evicting else ''}) to ONNX opset {options.opset}, {options.dtype} ..."
+        )
+        names = _export_graph(
+            OnnxDecoder(model, evicting=evicting),
+            tmp,
+            options.opset,
+            dtype,
+            {"cache_layers": slots, "kv_cache": policy.to_dict() if policy else None},
+        )
         for file in source.tokenizer_files + source.carried_files + [source.path / "config.json"]:
             shutil.copyfile(file, tmp / file.name)
         metadata = {
@@ -298,9 +327,13 @@ def export_onnx(ckpt: str | Path, out: str | Path, options: OnnxExportOptions | 
 
 def _check_options(options: OnnxExportOptions) -> None:
     if not isinstance(options.opset, int) or not MIN_OPSET <= options.opset <= MAX_OPSET:
-        raise SlimformerError(f"opset {options.opset} is not supported", fix=f"use --opset {MIN_OPSET}..{MAX_OPSET}")
+        raise SlimformerError(
+            f"opset {options.opset} is not supported", fix=f"use --opset {MIN_OPSET}..{MAX_OPSET}"
+        )
     if options.dtype not in EXPORT_DTYPES:
-        raise SlimformerError(f"unsupported ONNX dtype {options.dtype!r}", fix=f"use one of {', '.join(EXPORT_DTYPES)}")
+        raise SlimformerError(
+            f"unsupported ONNX dtype {options.dtype!r}", fix=f"use one of {', '.join(EXPORT_DTYPES)}"
+        )
 
 
 def _export_graph(
@@ -324,8 +357,15 @@ def _export_graph(
         # Trace into a scratch directory: a large model's weights may be written as external data beside it.
         traced = Path(scratch) / MODEL_FILE
         torch.onnx.export(
-            module, args, str(traced), dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=list(inputs), output_names=list(outputs), dynamic_axes={**inputs, **outputs},
+            module,
+            args,
+            str(traced),
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=True,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes={**inputs, **outputs},
             custom_opsets={onnx_cache_op.DOMAIN: onnx_cache_op.OP_VERSION} if module.evicting else None,
         )
         model = onnx.load(str(traced))
@@ -337,7 +377,9 @@ def _export_graph(
     props.update({f"slimformer.{key}": json.dumps(value) for key, value in properties.items()})
     onnx.helper.set_model_props(model, props)
     large = model.ByteSize() > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=ONNX_DATA_FILE)
+    onnx.save_model(
+        model, str(path), save_as_external_data=large, all_tensors_to_one_file=True, location=ONNX_DATA_FILE
+    )
     onnx.checker.check_model(str(path))
     return [i.name for i in model.graph.input], [o.name for o in model.graph.output]
 
@@ -364,8 +406,10 @@ def _store_shared_weights_once(model: Any) -> None:
             originals.setdefault(_digest(np.ascontiguousarray(array.T)), (init.name, True))
     for init, source, transposed in duplicates:
         graph.initializer.remove(init)
-        op = helper.make_node("Transpose", [source], [init.name], perm=[1, 0]) if transposed else helper.make_node(
-            "Identity", [source], [init.name]
+        op = (
+            helper.make_node("Transpose", [source], [init.name], perm=[1, 0])
+            if transposed
+            else helper.make_node("Identity", [source], [init.name])
         )
         graph.node.insert(0, op)
 
@@ -373,7 +417,9 @@ def _store_shared_weights_once(model: Any) -> None:
 def _digest(array: np.ndarray) -> bytes:
     import hashlib
 
-    return hashlib.blake2b(array.dtype.str.encode() + str(array.shape).encode() + array.tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(
+        array.dtype.str.encode() + str(array.shape).encode() + array.tobytes(), digest_size=16
+    ).digest()
 
 
 def _cache_widths(model: nn.Module) -> list[tuple[int, int]]:
@@ -453,7 +499,15 @@ def validate_export(
         lm.use_policy(spec)
         diff, scale, evicted = _compare_runs(lm, reference, spec)
         tolerance = TOLERANCE[dtype] * (max(1.0, scale) if dtype != "float32" else 1.0)
-        runs.append({"policy": label, "kv_cache": spec, "max_abs_diff": diff, "tolerance": tolerance, "evicted": evicted})
+        runs.append(
+            {
+                "policy": label,
+                "kv_cache": spec,
+                "max_abs_diff": diff,
+                "tolerance": tolerance,
+                "evicted": evicted,
+            }
+        )
         if not diff <= tolerance:
             raise SlimformerError(
                 f"validation failed: ONNX Runtime logits differ from the PyTorch runtime by {diff:.3g} "
@@ -461,12 +515,20 @@ def validate_export(
                 where=str(directory),
                 fix="report this as a bug; `--no-validate` skips the check",
             )
-    return {"provider": lm.provider, "batch": 2, "padding": VALIDATION_PADDING, "prompt": VALIDATION_PROMPT,
-            "steps": list(VALIDATION_STEPS), "runs": runs}
+    return {
+        "provider": lm.provider,
+        "batch": 2,
+        "padding": VALIDATION_PADDING,
+        "prompt": VALIDATION_PROMPT,
+        "steps": list(VALIDATION_STEPS),
+        "runs": runs,
+    }
 
 
-def _compare_runs(lm: OnnxCausalLM, reference: nn.Module, spec: dict[str, Any] | None) -> tuple[float, float, bool]:
-    from converter.runtime.kv_cache import new_cache
+def _compare_runs(
+    lm: OnnxCausalLM, reference: nn.Module, spec: dict[str, Any] | None
+) -> tuple[float, float, bool]:
+    from slimformer.converter.runtime.kv_cache import new_cache
 
     config = reference.config
     generator = torch.Generator().manual_seed(0)
@@ -481,10 +543,17 @@ def _compare_runs(lm: OnnxCausalLM, reference: nn.Module, spec: dict[str, Any] |
         stop = start + length
         step_ids, step_mask = tokens[:, start:stop], mask[:, :stop]
         with torch.inference_mode():
-            expected = reference(
-                input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True,
-                position_ids=torch.from_numpy(position_ids(step_mask.numpy(), length)),
-            ).logits.float().numpy()
+            expected = (
+                reference(
+                    input_ids=step_ids,
+                    attention_mask=step_mask,
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_ids=torch.from_numpy(position_ids(step_mask.numpy(), length)),
+                )
+                .logits.float()
+                .numpy()
+            )
         got = lm.forward(step_ids.numpy(), step_mask[:, start:].numpy(), state)
         real = step_mask[:, start:].numpy().astype(bool)
         worst = max(worst, float(np.abs(got - expected)[real].max()))

@@ -76,7 +76,7 @@ SUPPORTED_POLICIES = ("a2sf", "h2o", "streaming", "none")
 
 def check_policy(policy: Any, where: str | None = None) -> None:
     """The one place the ONNX path refuses a cache policy its op does not compute."""
-    from converter.errors import SlimformerError
+    from slimformer.converter.errors import SlimformerError
 
     if policy is not None and policy.policy not in SUPPORTED_POLICIES:
         raise SlimformerError(
@@ -134,9 +134,13 @@ class A2SFCacheUpdate(torch.autograd.Function):
         return reference_update(*inputs)
 
     @staticmethod
-    def symbolic(g: Any, key: Any, value: Any, past_scores: Any, probs: Any, new_valid: Any, alpha: Any, limits: Any) -> tuple:
+    def symbolic(
+        g: Any, key: Any, value: Any, past_scores: Any, probs: Any, new_valid: Any, alpha: Any, limits: Any
+    ) -> tuple:
         """Graph values in, the custom-domain node's three outputs out (TorchScript exporter)."""
-        outputs = g.op(f"{DOMAIN}::{OP_TYPE}", key, value, past_scores, probs, new_valid, alpha, limits, outputs=3)
+        outputs = g.op(
+            f"{DOMAIN}::{OP_TYPE}", key, value, past_scores, probs, new_valid, alpha, limits, outputs=3
+        )
         # Types for the exporter's shape pass: heads and head sizes are static, batch and length dynamic.
         for output, source in zip(outputs, (key, value, past_scores)):
             sizes = source.type().varyingSizes() or []
@@ -206,7 +210,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     empty = b.op("IsInf", past_scores, detect_positive=0, detect_negative=1)
     decayed = b.op("Where", empty, past_scores, b.op("Mul", past_scores, decay))
     fresh = b.op("Where", new_valid, b.const(0.0, f32), b.const(float("-inf"), f32))  # [B, Q]
-    fresh = b.op("Expand", b.op("Unsqueeze", fresh, b.const([1])), b.op("Concat", batch_heads, q_len_1d, axis=0))
+    fresh = b.op(
+        "Expand", b.op("Unsqueeze", fresh, b.const([1])), b.op("Concat", batch_heads, q_len_1d, axis=0)
+    )
     scores = b.op("Add", b.op("Concat", decayed, fresh, axis=2), gained)
 
     # 4. Protected slots: the first `sink` and last `recent` real slots.
@@ -227,8 +233,12 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     _, chosen = b.op("TopK", priority, kept, axis=-1, largest=1, sorted=0, outputs=2)
     keep, _ = b.op("TopK", chosen, kept, axis=-1, largest=0, sorted=1, outputs=2)  # ascending slot index
     index = b.op("Unsqueeze", keep, b.const([3]))
-    key_index = b.op("Expand", index, b.op("Concat", b.op("Shape", keep), b.op("Shape", key, start=3), axis=0))
-    value_index = b.op("Expand", index, b.op("Concat", b.op("Shape", keep), b.op("Shape", value, start=3), axis=0))
+    key_index = b.op(
+        "Expand", index, b.op("Concat", b.op("Shape", keep), b.op("Shape", key, start=3), axis=0)
+    )
+    value_index = b.op(
+        "Expand", index, b.op("Concat", b.op("Shape", keep), b.op("Shape", value, start=3), axis=0)
+    )
     b.output("GatherElements", OUTPUTS[0], key, key_index, axis=2)
     b.output("GatherElements", OUTPUTS[1], value, value_index, axis=2)
     b.output("GatherElements", OUTPUTS[2], scores, keep, axis=2)
@@ -261,8 +271,13 @@ def attach(model: onnx.ModelProto) -> onnx.ModelProto:
 def standalone_model(opset: int = 18, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
     """A one-node model of the op alone (tests, and a template for testing a native kernel)."""
     dims = {
-        "key": ["B", "H", "P", "D"], "value": ["B", "H", "P", "D"], "past_scores": ["B", "H", "Pp"],
-        "probs": ["B", "Hq", "Q", "P"], "new_valid": ["B", "Q"], "alpha": [], "limits": [4],
+        "key": ["B", "H", "P", "D"],
+        "value": ["B", "H", "P", "D"],
+        "past_scores": ["B", "H", "Pp"],
+        "probs": ["B", "Hq", "Q", "P"],
+        "new_valid": ["B", "Q"],
+        "alpha": [],
+        "limits": [4],
     }
     types = {"key": dtype, "value": dtype, "new_valid": TensorProto.BOOL, "limits": TensorProto.INT64}
     inputs = [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), dims[n]) for n in INPUTS]

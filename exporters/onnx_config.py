@@ -63,7 +63,11 @@ class DecoderSignature:
             if self.evicting:
                 length = f"past_length_{slot}" if direction == "inputs" else f"present_length_{slot}"
             else:
-                length = "past_sequence_length" if direction == "inputs" else "past_sequence_length + sequence_length"
+                length = (
+                    "past_sequence_length"
+                    if direction == "inputs"
+                    else "past_sequence_length + sequence_length"
+                )
             for part in cache_parts(self.evicting):
                 axes[name(slot, part)] = {0: "batch_size", 2: length}
         return axes
@@ -85,7 +89,9 @@ class DecoderSignature:
                 slot.append(scores)
             past.append(tuple(slot))
         inputs: dict[str, Any] = {
-            "input_ids": torch.randint(0, self.config.vocab_size, (DUMMY_BATCH, DUMMY_NEW), generator=generator),
+            "input_ids": torch.randint(
+                0, self.config.vocab_size, (DUMMY_BATCH, DUMMY_NEW), generator=generator
+            ),
             "attention_mask": mask,
             "position_ids": positions[:, DUMMY_PAST:],
             "past_key_values": past,

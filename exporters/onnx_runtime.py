@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from converter.errors import SlimformerError
+from slimformer.converter.errors import SlimformerError
 
 from .native import register_cache_kernel
 from .onnx_cache_op import NO_BUDGET, check_policy
@@ -62,17 +61,27 @@ def load_metadata(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / METADATA_FILE
     if not path.is_file():
-        hint = "it looks like a checkpoint; run `slimformer export onnx` on it first" if (
-            directory / "config.json"
-        ).is_file() else "give the directory written by `slimformer export onnx`"
+        hint = (
+            "it looks like a checkpoint; run `slimformer export onnx` on it first"
+            if (directory / "config.json").is_file()
+            else "give the directory written by `slimformer export onnx`"
+        )
         raise SlimformerError("not an ONNX export (no slimformer_onnx.json)", where=str(directory), fix=hint)
     try:
         metadata = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SlimformerError(f"cannot read {METADATA_FILE}: {exc}", where=str(path), fix="export again") from exc
-    if metadata.get("format") != METADATA_FORMAT or not (directory / metadata.get("model_file", MODEL_FILE)).is_file():
-        raise SlimformerError("the ONNX export is incomplete or from another version", where=str(directory),
-                              fix="export the checkpoint again with this slimformer")
+        raise SlimformerError(
+            f"cannot read {METADATA_FILE}: {exc}", where=str(path), fix="export again"
+        ) from exc
+    if (
+        metadata.get("format") != METADATA_FORMAT
+        or not (directory / metadata.get("model_file", MODEL_FILE)).is_file()
+    ):
+        raise SlimformerError(
+            "the ONNX export is incomplete or from another version",
+            where=str(directory),
+            fix="export the checkpoint again with this slimformer",
+        )
     return metadata
 
 
@@ -166,10 +175,15 @@ class OnnxCausalLM:
         model_path = str(self.directory / self.metadata["model_file"])
         if self.device == "cuda":
             # CPU stays registered as the fallback for any node the CUDA provider has no kernel for.
-            providers, provider_options = [self.provider, PROVIDERS["cpu"]], [{"device_id": self.device_id}, {}]
+            providers, provider_options = (
+                [self.provider, PROVIDERS["cpu"]],
+                [{"device_id": self.device_id}, {}],
+            )
         else:
             providers, provider_options = [self.provider], None
-        self.session = ort.InferenceSession(model_path, options, providers=providers, provider_options=provider_options)
+        self.session = ort.InferenceSession(
+            model_path, options, providers=providers, provider_options=provider_options
+        )
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.dtype = NUMPY_DTYPES[self.metadata["dtype"]]
@@ -190,7 +204,7 @@ class OnnxCausalLM:
         self.policy = self._resolve_policy(spec)
 
     def _resolve_policy(self, spec: dict[str, Any] | None) -> Any:
-        from converter.runtime.kv_cache import CachePolicy
+        from slimformer.converter.runtime.kv_cache import CachePolicy
 
         if not spec:
             return None
@@ -235,12 +249,18 @@ class OnnxCausalLM:
             parts.append(slot)
         return CacheState(mask=np.zeros((batch, 0), dtype=np.int64), caches=parts)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray | None, state: CacheState) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None, state: CacheState
+    ) -> np.ndarray:
         """Run ``input_ids`` ``[B, q]`` (mask ``[B, q]`` of the NEW tokens, ``None`` = all real); returns
         float32 logits ``[B, q, vocab]`` and advances ``state``."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, q_len = input_ids.shape
-        new_mask = np.ones((batch, q_len), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        new_mask = (
+            np.ones((batch, q_len), np.int64)
+            if attention_mask is None
+            else np.asarray(attention_mask, np.int64)
+        )
         if state.limits is None:
             state.limits = self._limits(q_len)
         state.mask = np.concatenate([state.mask, new_mask], axis=1)
@@ -262,7 +282,8 @@ class OnnxCausalLM:
         outputs = self._run_bound(feeds, caches) if self.io_binding else self._run(feeds, caches)
         logits = outputs.pop("logits")
         state.caches = [
-            [outputs[present_name(slot, part)] for part in cache_parts(self.evicting)] for slot in range(self.num_slots)
+            [outputs[present_name(slot, part)] for part in cache_parts(self.evicting)]
+            for slot in range(self.num_slots)
         ]
         return logits
 
@@ -408,7 +429,9 @@ def _choose_provider(provider: str, available: list[str]) -> tuple[str, int]:
         return (PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]), 0
     name, _, index = provider.partition(":")
     if name not in PROVIDERS or (index and not index.isdigit()):
-        raise SlimformerError(f"unknown ONNX Runtime device {provider!r}", fix="use cpu, cuda, cuda:N or auto")
+        raise SlimformerError(
+            f"unknown ONNX Runtime device {provider!r}", fix="use cpu, cuda, cuda:N or auto"
+        )
     if PROVIDERS[name] not in available:
         raise SlimformerError(
             f"ONNX Runtime has no {PROVIDERS[name]} here (available: {', '.join(available)})",
@@ -434,19 +457,28 @@ def generate_text(
     """The text ``slimformer generate DIR --runtime onnx`` prints: same tokenisation, stopping and decoding
     as the PyTorch runtime's command. ``report``, when given, receives one line saying what runs the cache
     op (``OnnxCausalLM.cache_kernel_description``)."""
-    from converter.conversion import load_tokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
 
     lm = OnnxCausalLM(ckpt, provider=device, kv_cache=a2sf, cache_kernel=cache_kernel)
     if report is not None:
         report(lm.cache_kernel_description)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
-        raise SlimformerError("the ONNX export has no tokenizer files", where=str(ckpt), fix="export the checkpoint again")
+        raise SlimformerError(
+            "the ONNX export has no tokenizer files", where=str(ckpt), fix="export the checkpoint again"
+        )
     inputs = tokenizer(prompt, return_tensors="np")
     eos = lm.metadata.get("eos_token_id")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result = lm.generate(
-        inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens, sample=sample,
-        temperature=temperature, top_p=top_p, seed=seed, eos_token_id=eos, pad_token_id=pad,
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
-    return tokenizer.decode(result.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(result.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import KEPT, Block, CheckpointGraph, TensorRef, load_graph
+from slimformer.converter.outputs import atomic_output_dir, check_output_location
+from slimformer.converter.source import resolve_source
 
-from converter.errors import SlimformerError
-from converter.graph import KEPT, Block, CheckpointGraph, TensorRef, load_graph
-from converter.source import resolve_source
-
-from .safetensors import DEFAULT_MAX_SHARD_BYTES, _write_tensors, atomic_output_dir, check_output_location
+from .safetensors import DEFAULT_MAX_SHARD_BYTES, write_tensors
 
 __all__ = ["ARCHITECTURE", "CONFIG_FILE", "METADATA_FILE", "MODEL_TYPE", "export_vllm", "vllm_config"]
 
@@ -130,7 +130,7 @@ def export_vllm(
         shutil.copyfile(CONFIG_SOURCE, directory / CONFIG_FILE)
         for file in source.tokenizer_files + source.carried_files:
             shutil.copyfile(file, directory / file.name)
-        metadata["weights"] = _write_tensors(graph, directory, None, max_shard_bytes)
+        metadata["weights"] = write_tensors(graph, directory, None, max_shard_bytes)
         (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
@@ -146,7 +146,7 @@ def check_exportable(graph: CheckpointGraph) -> None:
         raise SlimformerError(
             f"{graph.family} is an encoder; vLLM's Nemotron-NAS model (DeciLMForCausalLM) is a causal decoder",
             where=where,
-            fix="use the slimformer runtime (converter.load_model) or `slimformer export onnx` for encoders",
+            fix="use the slimformer runtime (slimformer.load_model) or `slimformer export onnx` for encoders",
         )
     if config.get("qk_norm"):
         raise SlimformerError(
@@ -454,7 +454,7 @@ def _add_stub_attention(block: Block, graph: CheckpointGraph, config: dict[str, 
 def _metadata(
     graph: CheckpointGraph, config: dict[str, Any], stub: int | None, original_head_dim: int
 ) -> dict[str, Any]:
-    from converter import __version__
+    from slimformer.converter import __version__
 
     layers = []
     for block, spec in zip(graph.blocks, config["block_configs"]):

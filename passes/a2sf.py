@@ -3,7 +3,7 @@ forgetting factor (A2SF, Jo & Shin, arXiv 2407.20485), or by H2O's or StreamingL
 
 The pass changes no weight. It writes the cache policy into the graph (``graph.kv_cache``, saved as
 ``config.json``'s ``kv_cache``), so the converted model's ``generate()`` -- through
-``converter.load_model`` or ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` -- builds
+``slimformer.load_model`` or ``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` -- builds
 the evicting cache of :mod:`converter.runtime.kv_cache` by default. ``slimformer generate/eval --a2sf``
 override it per run.
 
@@ -32,17 +32,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
-
-from converter.errors import SlimformerError
-from converter.graph import Block, CheckpointGraph
-from converter.pipeline import DryRun, Pass, PassContext, register
-from converter.runtime.kv_cache import (
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import Block, CheckpointGraph
+from slimformer.converter.runtime.kv_cache import (
     DEFAULT_ALPHA,
     DEFAULT_RECENT_RATIO,
     DEFAULT_STREAMING_SINK,
     POLICIES,
     CachePolicy,
 )
+from slimformer.passes.base import DryRun, Pass, PassContext, register
 
 EXAMPLE = "e.g. --a2sf budget=256,alpha=0.5,recent=32,sink=4 (or policy=h2o|streaming, budget_ratio=0.2)"
 # Besides K and V, an evicting slot keeps per token and KV head a float32 score, a bool validity flag and an
@@ -71,17 +70,25 @@ class A2SFConfig(CachePolicy):
 
     OPTION_HELP: ClassVar[dict[str, str | tuple[str, str]]] = {
         "policy": f"eviction rule: {', '.join(POLICIES)} (h2o = a2sf with alpha 1; streaming = sinks + recent; "
-                  "none = the plain growing cache)",
-        "budget": ("unset", "tokens kept per (sequence, KV head) in every cache slot; give one of budget, "
-                            "budget_ratio or layer_budgets"),
+        "none = the plain growing cache)",
+        "budget": (
+            "unset",
+            "tokens kept per (sequence, KV head) in every cache slot; give one of budget, "
+            "budget_ratio or layer_budgets",
+        ),
         "budget_ratio": ("unset", "the budget as a fraction of the prompt, resolved at prefill, e.g. 0.2"),
         "layer_budgets": ("unset", "one budget per layer that keeps attention, joined by ':' (64:64:32)"),
-        "alpha": (f"{DEFAULT_ALPHA} for a2sf", "forgetting factor in (0, 1]: scores decay by alpha per step "
-                                               "(1 = H2O, towards 0 = recency)"),
+        "alpha": (
+            f"{DEFAULT_ALPHA} for a2sf",
+            "forgetting factor in (0, 1]: scores decay by alpha per step (1 = H2O, towards 0 = recency)",
+        ),
         "recent": ("unset", "protected most recent tokens (or recent_ratio)"),
         "recent_ratio": (f"{DEFAULT_RECENT_RATIO}", "protected recent window as a fraction of the budget"),
         "sink": (f"0; {DEFAULT_STREAMING_SINK} for streaming", "first tokens that are never evicted"),
-        "score_window": ("unset: every query row", "score a multi-token step from its last W query rows only"),
+        "score_window": (
+            "unset: every query row",
+            "score a multi-token step from its last W query rows only",
+        ),
         "window": ("32 for snapkv", "snapkv: the prompt's last query rows that vote"),
         "chunk_size": "query rows scored at a time, so a prompt's L x L probabilities never exist at once",
     }
@@ -134,7 +141,9 @@ class A2SFPass(Pass):
         try:
             policy.validate(num_slots=len(slots) if exact else None)
         except ValueError as exc:
-            raise SlimformerError(f"bad --a2sf option: {exc}{dry.after()}", where="pass a2sf", fix=EXAMPLE) from exc
+            raise SlimformerError(
+                f"bad --a2sf option: {exc}{dry.after()}", where="pass a2sf", fix=EXAMPLE
+            ) from exc
         graph.kv_cache = policy.to_dict() if policy.evicts else None
 
     def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
@@ -156,7 +165,10 @@ class A2SFPass(Pass):
             block.cache_policy = None
         if not policy.evicts:
             graph.kv_cache = None  # policy=none: the plain growing cache, as if the pass had not run
-            return {"notes": ["policy none: the checkpoint keeps the plain (growing) KV cache"], "kv_cache": None}
+            return {
+                "notes": ["policy none: the checkpoint keeps the plain (growing) KV cache"],
+                "kv_cache": None,
+            }
         graph.kv_cache = policy.to_dict()
         for slot, block in enumerate(slots):
             block.cache_policy = _slot_summary(policy, slot)
@@ -190,7 +202,9 @@ def _slot_summary(policy: CachePolicy, slot: int) -> dict[str, Any]:
             if policy.recent is not None:
                 summary["recent"] = policy.recent
             else:
-                summary["recent_ratio"] = DEFAULT_RECENT_RATIO if policy.recent_ratio is None else policy.recent_ratio
+                summary["recent_ratio"] = (
+                    DEFAULT_RECENT_RATIO if policy.recent_ratio is None else policy.recent_ratio
+                )
     else:
         limits = policy.limits(slot, prompt_len=0)  # a token budget does not depend on the prompt
         summary.update(budget=limits.budget, sink=limits.sink, recent=limits.recent)
@@ -207,13 +221,17 @@ def _describe(policy: CachePolicy, n_slots: int) -> str:
     else:
         size = f"budget {policy.budget_ratio:.0%} of each prompt (resolved at prefill)"
     rule = policy.kind.describe(policy)
-    return f"policy {policy.policy}: {size} per (sequence, KV head) in each of {n_slots} cache slot(s); {rule}"
+    return (
+        f"policy {policy.policy}: {size} per (sequence, KV head) in each of {n_slots} cache slot(s); {rule}"
+    )
 
 
 def _memory_bound(graph: CheckpointGraph, slots: list[Block], policy: CachePolicy) -> dict[str, Any]:
     """The KV bytes one sequence can hold between forwards: sum over slots of budget x that layer's K+V bytes."""
     # Each layer's own K+V width, by the graph's formula (a SAS layer caches wider values than a standard one).
-    per_layer = [dataclasses.replace(graph, blocks=[block]).kv_bytes_per_token(torch.float32) for block in slots]
+    per_layer = [
+        dataclasses.replace(graph, blocks=[block]).kv_bytes_per_token(torch.float32) for block in slots
+    ]
     kv_heads = graph.base_config["num_key_value_heads"]
     growing = sum(per_layer)
     if policy.budget_ratio is not None:
@@ -239,7 +257,7 @@ def _memory_bound(graph: CheckpointGraph, slots: list[Block], policy: CachePolic
 
 def _measure(graph: CheckpointGraph, ctx: PassContext, policy: CachePolicy) -> tuple[dict[str, Any], str]:
     """Eviction-aware perplexity on the evaluation source, with the cache the converted model will build."""
-    from converter.evaluation import eviction_perplexity
+    from slimformer.converter.evaluation import eviction_perplexity
 
     if ctx.tokenizer is None:
         raise SlimformerError(

@@ -82,9 +82,9 @@ def distill(
 
     Returns a JSON-able record: settings, trainable parameter count, loss history, wall time. The student is
     left in eval mode with every ``requires_grad`` off. ``progress`` shows a bar on a terminal and a plain
-    line every few seconds otherwise (:func:`converter.evaluation.progress_bar`).
+    line every few seconds otherwise (:func:`slimformer.converter.progress.progress_bar`).
     """
-    from converter.evaluation import progress_bar
+    from slimformer.converter.progress import progress_bar
 
     device = next(student.parameters()).device
     params = []
@@ -96,7 +96,9 @@ def distill(
         raise ValueError("nothing to heal: no parameter is trainable")
     for param in teacher.parameters():
         param.requires_grad_(False)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        params, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95)
+    )
     warmup = max(1, settings.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, settings.steps, warmup))
     use_mse = settings.hidden_mse > 0 and bool(mse_layers)
@@ -142,14 +144,21 @@ def distill(
                 elapsed = round(time.perf_counter() - started, 1)
                 recorded = step % record_every == 0 or step == settings.steps
                 if recorded:
-                    entry = {"step": step, **{k: running[k] / running["n"] for k in ("loss", "kl", "mse")},
-                             "lr": optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
+                    entry = {
+                        "step": step,
+                        **{k: running[k] / running["n"] for k in ("loss", "kl", "mse")},
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "elapsed_s": elapsed,
+                    }
                     history.append(entry)
                     running = {"loss": 0.0, "kl": 0.0, "mse": 0.0, "n": 0}
                 if step % settings.log_every == 0 or step == settings.steps:
                     shown = history[-1] if recorded else {"kl": kl.item(), "mse": mse.item()}
-                    log(f"[sas] heal step {step}/{settings.steps}: KL {shown['kl']:.4f}"
-                        + (f", hidden MSE {shown['mse']:.4f}" if use_mse else "") + f" ({elapsed:.0f}s)")
+                    log(
+                        f"[sas] heal step {step}/{settings.steps}: KL {shown['kl']:.4f}"
+                        + (f", hidden MSE {shown['mse']:.4f}" if use_mse else "")
+                        + f" ({elapsed:.0f}s)"
+                    )
     finally:
         bar.close()
         for hooks in (student_out, teacher_out):

@@ -28,8 +28,14 @@ def require(path: Path) -> Path:
 def tiny_config(family: str, layers: int = 3):
     from transformers import BertConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                  max_position_embeddings=128)
+    common = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     if family == "bert":
         return BertConfig(**common, type_vocab_size=2)
     decoder = dict(common, num_key_value_heads=2, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)

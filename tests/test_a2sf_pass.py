@@ -16,18 +16,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_tiny
+from slimformer import load_model
+from slimformer.converter.cli import cli, main
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.evaluation import eviction_perplexity_of_tokens, loglikelihoods
+from slimformer.converter.graph import DROPPED, load_graph
+from slimformer.converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext
+from slimformer.converter.runtime.kv_cache import CachePolicy, EvictingCache
+from slimformer.converter.source import resolve_source
+from slimformer.passes.a2sf import A2SFPass
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-from converter import load_model
-from converter.cli import cli, main
-from converter.errors import SlimformerError
-from converter.evaluation import eviction_perplexity_of_tokens, loglikelihoods
-from converter.graph import DROPPED, load_graph
-from converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext
-from converter.runtime.kv_cache import CachePolicy, EvictingCache
-from converter.source import resolve_source
-from passes.a2sf import A2SFPass
 
 BUDGET = 8
 OPTIONS = f"budget={BUDGET},alpha=0.5,recent=4,sink=1"
@@ -36,11 +35,17 @@ TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen
 
 def save_char_tokenizer(directory: Path) -> None:
     """One token per character; ids fit the tiny model's 96-token vocabulary (specials as in its config)."""
-    chars = ["<unk>", "<s>", "</s>", "<pad>"] + sorted(set(string.ascii_letters + string.digits + " .,;:!?'\"()-\n"))
+    chars = ["<unk>", "<s>", "</s>", "<pad>"] + sorted(
+        set(string.ascii_letters + string.digits + " .,;:!?'\"()-\n")
+    )
     core = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     PreTrainedTokenizerFast(
-        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         model_input_names=["input_ids", "attention_mask"],
     ).save_pretrained(directory)
 
@@ -89,15 +94,19 @@ def test_convert_writes_policy_and_report(converted: Path) -> None:
     assert any("KV memory bound: 3,072 B per sequence" in note for note in record["changes"]["notes"])
     # The Markdown layer table states each slot's policy in words, not as a Python dict.
     markdown = (converted / "report.md").read_text()
-    assert markdown.count("| KV a2sf: 8 tokens (sink 1, recent 4), alpha 0.5 |") == 3 and "{'policy'" not in markdown
+    assert (
+        markdown.count("| KV a2sf: 8 tokens (sink 1, recent 4), alpha 0.5 |") == 3
+        and "{'policy'" not in markdown
+    )
     # The written pipeline replays the same policy.
-    assert "[[passes]]\nname = \"a2sf\"\nbudget = 8\nalpha = 0.5" in (converted / "pipeline.toml").read_text()
+    assert '[[passes]]\nname = "a2sf"\nbudget = 8\nalpha = 0.5' in (converted / "pipeline.toml").read_text()
 
 
 def generate(model: torch.nn.Module) -> tuple[torch.Tensor, object]:
     with torch.no_grad():
-        out = model.generate(prompt_ids(), max_new_tokens=12, do_sample=False, pad_token_id=3,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            prompt_ids(), max_new_tokens=12, do_sample=False, pad_token_id=3, return_dict_in_generate=True
+        )
     return out.sequences, out.past_key_values
 
 
@@ -122,10 +131,14 @@ def test_generate_uses_the_stored_policy_in_both_loaders(converted: Path) -> Non
 def test_cli_generate_accepts_override(converted: Path) -> None:
     runner = CliRunner()
     for options in ([], ["--a2sf", "policy=h2o,budget=6"], ["--a2sf", "policy=none"]):
-        result = runner.invoke(cli, ["generate", str(converted), "--prompt", "The quick", "--max-new-tokens", "5", *options])
+        result = runner.invoke(
+            cli, ["generate", str(converted), "--prompt", "The quick", "--max-new-tokens", "5", *options]
+        )
         assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["generate", str(converted), "--prompt", "x", "--a2sf", "alpha=2,budget=6"])
-    assert isinstance(result.exception, SlimformerError) and "alpha=2.0 must lie in (0, 1]" in str(result.exception)
+    assert isinstance(result.exception, SlimformerError) and "alpha=2.0 must lie in (0, 1]" in str(
+        result.exception
+    )
 
 
 # ---- bad values ---------------------------------------------------------------------------------------------
@@ -156,7 +169,15 @@ def test_bad_values_fail_before_any_work(source: Path, tmp_path: Path, options: 
 
 
 def test_bad_value_is_one_line_and_exit_code_2(source: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    argv = ["slimformer", "convert", str(source), "-o", str(tmp_path / "out"), "--a2sf", "budget=4,recent=4,sink=2"]
+    argv = [
+        "slimformer",
+        "convert",
+        str(source),
+        "-o",
+        str(tmp_path / "out"),
+        "--a2sf",
+        "budget=4,recent=4,sink=2",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -176,7 +197,13 @@ def test_only_layers_with_attention_get_a_slot(source: Path) -> None:
     changes = A2SFPass.from_params({"layer_budgets": "6:9", "policy": "h2o", "recent": 2}).run(graph, ctx)
     assert graph.kv_cache["layer_budgets"] == [6, 9] and changes["cache_slots"] == 2
     assert [b.cache_policy and b.cache_policy["budget"] for b in graph.blocks] == [6, None, 9]
-    assert graph.blocks[0].cache_policy == {"policy": "h2o", "budget": 6, "sink": 0, "recent": 2, "alpha": 1.0}
+    assert graph.blocks[0].cache_policy == {
+        "policy": "h2o",
+        "budget": 6,
+        "sink": 0,
+        "recent": 2,
+        "alpha": 1.0,
+    }
     # 2 layers x 128 B/token: 6 x 128 + 9 x 128.
     assert changes["kv_bytes_bound_per_sequence"] == 15 * 128
     with pytest.raises(SlimformerError, match="layer_budgets has 3 entries but the model has 2 cache slots"):
@@ -216,28 +243,41 @@ def test_eviction_perplexity_equals_full_cache_until_something_is_evicted(model:
     assert plain.n_windows == 4 and plain.n_tokens == 64 and plain.cache_tokens == 47
     assert plain.perplexity == pytest.approx(plain.full_cache_perplexity, rel=1e-6)
 
-    roomy = eviction_perplexity_of_tokens(model, stream(), cache_factory=evicting(budget=48), chunk=5, **measure)
-    assert roomy.perplexity == pytest.approx(plain.full_cache_perplexity, rel=1e-6) and roomy.cache_tokens == 47
+    roomy = eviction_perplexity_of_tokens(
+        model, stream(), cache_factory=evicting(budget=48), chunk=5, **measure
+    )
+    assert (
+        roomy.perplexity == pytest.approx(plain.full_cache_perplexity, rel=1e-6) and roomy.cache_tokens == 47
+    )
 
-    tight = eviction_perplexity_of_tokens(model, stream(), cache_factory=evicting(budget=8, alpha=0.5), **measure)
+    tight = eviction_perplexity_of_tokens(
+        model, stream(), cache_factory=evicting(budget=8, alpha=0.5), **measure
+    )
     assert tight.cache_tokens == 8 and tight.full_cache_perplexity == plain.full_cache_perplexity
     assert abs(tight.increase_pct) > 0.1  # float noise is ~1e-5 %
     # Scoring each window in one forward cannot see the eviction: that is why the decode protocol exists.
-    from converter.evaluation import perplexity_of_tokens
+    from slimformer.converter.evaluation import perplexity_of_tokens
 
-    one_forward = perplexity_of_tokens(model, stream().view(4, 48), window=48, cache_factory=evicting(budget=8))
+    one_forward = perplexity_of_tokens(
+        model, stream().view(4, 48), window=48, cache_factory=evicting(budget=8)
+    )
     no_cache = perplexity_of_tokens(model, stream().view(4, 48), window=48)
     assert one_forward.perplexity == pytest.approx(no_cache.perplexity, rel=1e-6)
 
 
 def test_decoded_loglikelihoods_match_one_forward_without_eviction(model, source: Path) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
-    requests = [("The quick brown fox jumps over the", " lazy dog."), ("The quick brown fox jumps over the", " moon"),
-                ("Pack my box", " with five dozen liquor jugs!")]
+    requests = [
+        ("The quick brown fox jumps over the", " lazy dog."),
+        ("The quick brown fox jumps over the", " moon"),
+        ("Pack my box", " with five dozen liquor jugs!"),
+    ]
     reference = loglikelihoods(model, tokenizer, requests)
     decoded = loglikelihoods(model, tokenizer, requests, decode_chunk=1, cache_factory=evicting(budget=64))
     assert decoded == pytest.approx(reference, rel=1e-5)
-    evicted = loglikelihoods(model, tokenizer, requests, decode_chunk=1, cache_factory=evicting(budget=6, recent=2))
+    evicted = loglikelihoods(
+        model, tokenizer, requests, decode_chunk=1, cache_factory=evicting(budget=6, recent=2)
+    )
     assert evicted[0] != pytest.approx(reference[0], rel=1e-4)
 
 
@@ -264,19 +304,31 @@ def test_cli_eval_measures_under_eviction(converted: Path, text_file: Path, tmp_
     assert len(plain) == 1 and plain[0].startswith("perplexity: ")
 
     result = runner.invoke(cli, [*base, "--stride", "24"])
-    assert isinstance(result.exception, SlimformerError) and "--stride does not apply" in str(result.exception)
+    assert isinstance(result.exception, SlimformerError) and "--stride does not apply" in str(
+        result.exception
+    )
 
 
 def test_pass_reports_eviction_perplexity(source: Path, text_file: Path, tmp_path: Path) -> None:
     pipeline = tmp_path / "p.toml"
-    pipeline.write_text(f'[evaluation]\nppl = "{text_file}"\nwindow = 64\nmax_tokens = 512\n\n'
-                        '[[passes]]\nname = "a2sf"\nbudget = 8\nalpha = 0.1\n')
-    result = CliRunner().invoke(cli, ["convert", str(source), "-o", str(tmp_path / "out"), "--pipeline", str(pipeline), "-q"])
+    pipeline.write_text(
+        f'[evaluation]\nppl = "{text_file}"\nwindow = 64\nmax_tokens = 512\n\n'
+        '[[passes]]\nname = "a2sf"\nbudget = 8\nalpha = 0.1\n'
+    )
+    result = CliRunner().invoke(
+        cli, ["convert", str(source), "-o", str(tmp_path / "out"), "--pipeline", str(pipeline), "-q"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     measured = report["passes"][0]["changes"]["eviction_perplexity"]
     assert measured["prompt_len"] == 48 and measured["continuation"] == 16 and measured["cache_tokens"] == 8
-    assert measured["increase_pct"] == pytest.approx(100 * (measured["perplexity"] / measured["full_cache_perplexity"] - 1))
-    assert any(note.startswith("perplexity under eviction on") for note in report["passes"][0]["changes"]["notes"])
+    assert measured["increase_pct"] == pytest.approx(
+        100 * (measured["perplexity"] / measured["full_cache_perplexity"] - 1)
+    )
+    assert any(
+        note.startswith("perplexity under eviction on") for note in report["passes"][0]["changes"]["notes"]
+    )
     # The report's before/after rows score windows in one forward: the weights are unchanged, so are they.
-    assert report["evaluation"]["perplexity_after"] == pytest.approx(report["evaluation"]["perplexity_before"])
+    assert report["evaluation"]["perplexity_after"] == pytest.approx(
+        report["evaluation"]["perplexity_before"]
+    )

@@ -22,8 +22,7 @@ import torch
 from click.testing import CliRunner
 from conftest import STORIES, require
 from safetensors.torch import load_file
-
-from converter.cli import cli
+from slimformer.converter.cli import cli
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +56,28 @@ LOADER = textwrap.dedent("""
 def _other_python() -> str:
     other = os.environ.get("SLIMFORMER_OTHER_PYTHON")
     if not other or not Path(other).is_file():
-        pytest.skip("SLIMFORMER_OTHER_PYTHON (the other transformers stack's python) is not set; "
-                    "`make test-slow` / `make test-legacy` set it when both venvs exist")
+        pytest.skip(
+            "SLIMFORMER_OTHER_PYTHON (the other transformers stack's python) is not set; "
+            "`make test-slow` / `make test-legacy` set it when both venvs exist"
+        )
     return other
 
 
 def _load_in(python: str, ckpt: Path, out: Path) -> tuple[dict, dict]:
-    env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(out.parent),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([python, "-c", LOADER, str(ckpt), str(out)], capture_output=True, text=True, env=env,
-                          cwd=out.parent, timeout=600)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(out.parent),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [python, "-c", LOADER, str(ckpt), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=out.parent,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), load_file(str(out))
 

@@ -14,21 +14,26 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_tiny
 from packaging.requirements import Requirement
-
-from converter.conversion import convert
-from converter.environment import SUPPORTED
-from converter.errors import SlimformerError
-from converter.graph import load_graph
-from converter.pipeline import PipelineSpec
-from converter.source import resolve_source
+from slimformer.converter.conversion import convert
+from slimformer.converter.environment import SUPPORTED
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import load_graph
+from slimformer.converter.pipeline import PipelineSpec
+from slimformer.converter.source import resolve_source
 
 
 def _cli(args: list[str], tmp_path: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if extra_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(extra_path), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "converter.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "slimformer", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -45,7 +50,10 @@ def test_supported_ranges_are_the_declared_ones():
         requirement = Requirement(text)
         declared[requirement.name] = str(requirement.specifier)
     for package, spec in SUPPORTED.items():
-        assert Requirement(f"{package}{spec}").specifier == Requirement(f"{package}{declared[package]}").specifier
+        assert (
+            Requirement(f"{package}{spec}").specifier
+            == Requirement(f"{package}{declared[package]}").specifier
+        )
 
 
 def test_unsupported_transformers_gets_one_line(tmp_path):
@@ -54,7 +62,11 @@ def test_unsupported_transformers_gets_one_line(tmp_path):
     (fake / "transformers-4.40.0.dist-info").mkdir(parents=True)
     (fake / "transformers-4.40.0.dist-info" / "METADATA").write_text("Name: transformers\nVersion: 4.40.0\n")
     line = _one_line_error(_cli(["inspect", str(tmp_path)], tmp_path, extra_path=fake))
-    assert "transformers 4.40.0 is installed" in line and SUPPORTED["transformers"] in line and "Fix: pip install" in line
+    assert (
+        "transformers 4.40.0 is installed" in line
+        and SUPPORTED["transformers"] in line
+        and "Fix: pip install" in line
+    )
 
 
 def test_missing_onnx_extra_names_the_extra(tmp_path):
@@ -63,8 +75,12 @@ def test_missing_onnx_extra_names_the_extra(tmp_path):
     hide = tmp_path / "hide"
     hide.mkdir()
     # sys.modules[name] = None is how Python marks a module as not importable: find_spec() answers None.
-    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['onnx'] = None\nsys.modules['onnxruntime'] = None\n")
-    line = _one_line_error(_cli(["export", "onnx", str(ckpt), "-o", str(tmp_path / "out")], tmp_path, extra_path=hide))
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['onnx'] = None\nsys.modules['onnxruntime'] = None\n"
+    )
+    line = _one_line_error(
+        _cli(["export", "onnx", str(ckpt), "-o", str(tmp_path / "out")], tmp_path, extra_path=hide)
+    )
     assert "needs onnx and onnxruntime" in line and "pip install 'slimformer[onnx]'" in line
     assert not (tmp_path / "out").exists()
 
@@ -86,7 +102,7 @@ def test_modeling_file_imports_every_runtime_module_directly():
     itself (nested relative imports are not followed), so each shipped runtime module must appear there."""
     import re
 
-    from converter.runtime import RUNTIME_FILES
+    from slimformer.converter.runtime import RUNTIME_FILES
 
     modeling = (ROOT / "converter" / "runtime" / "modeling_slimformer.py").read_text()
     imported = set(re.findall(r"^from \.(\w+) import", modeling, flags=re.MULTILINE))

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny
-
-from converter.conversion import ConvertOptions, convert
-from converter.errors import SlimformerError
-from converter.pipeline import CalibrationSpec, PipelineSpec
+from slimformer.converter.conversion import ConvertOptions, convert
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.pipeline import CalibrationSpec, PipelineSpec
 
 
 def _convert(source, out, **options):
@@ -73,7 +72,9 @@ def test_truncated_safetensors(tmp_path):
 
 def test_corrupt_safetensors_header(tmp_path):
     source = make_tiny("llama", tmp_path / "src")
-    (source / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + os.urandom(64))
+    (source / "model.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + os.urandom(64)
+    )
     _assert_error(source, tmp_path / "out", "truncated or corrupt")
 
 
@@ -92,7 +93,9 @@ def test_missing_shard(tmp_path):
 def test_unsupported_family_names_supported_ones(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(
+        tmp_path / "gpt2"
+    )
     error = _assert_error(tmp_path / "gpt2", tmp_path / "out", "'gpt2' is not supported")
     assert "llama" in error.fix and "qwen3" in error.fix and "bert" in error.fix
 
@@ -133,7 +136,7 @@ def test_existing_output_is_not_touched_and_overwrite_is_atomic(tmp_path, monkey
     with pytest.raises(SlimformerError, match="already exists"):
         _convert(source, out)
     # A failure half-way through an --overwrite leaves the old output exactly as it was.
-    import converter.conversion as convert_module
+    import slimformer.converter.conversion as convert_module
 
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -171,10 +174,9 @@ def test_remote_code_refused_unless_trusted(tmp_path):
 
 
 def test_calibration_source_empty_or_too_short(tmp_path):
+    from slimformer.converter.calibration import sample_windows
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from converter.calibration import sample_windows
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -201,8 +203,11 @@ def test_unknown_pass_fails_before_any_work(tmp_path):
 
 
 def test_cli_error_is_one_line_on_stderr_with_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "converter.cli", "convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "slimformer", "convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert result.stdout == ""

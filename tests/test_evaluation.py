@@ -14,18 +14,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-from converter.errors import SlimformerError
-from converter.evaluation import (
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.evaluation import (
     loglikelihoods,
     multiple_choice_accuracy,
     perplexity,
     perplexity_of_tokens,
     speed_probe,
 )
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 VOCAB = 128

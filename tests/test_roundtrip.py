@@ -10,10 +10,9 @@ import textwrap
 import pytest
 import torch
 from conftest import STORIES, make_tiny, require
-
-from converter import load_model
-from converter.conversion import convert
-from converter.pipeline import PipelineSpec
+from slimformer import load_model
+from slimformer.converter.conversion import convert
+from slimformer.converter.pipeline import PipelineSpec
 
 
 def _reference(path, family):
@@ -51,9 +50,10 @@ def test_identity_roundtrip_every_family(tiny_checkpoint, tmp_path):
 
 
 def test_sharded_source_and_sharded_output(tmp_path):
-    from converter.graph import load_graph
-    from converter.source import resolve_source
-    from exporters.safetensors import atomic_output_dir, write_checkpoint
+    from slimformer.converter.graph import load_graph
+    from slimformer.converter.outputs import atomic_output_dir
+    from slimformer.converter.source import resolve_source
+    from slimformer.exporters.safetensors import write_checkpoint
 
     source = make_tiny("qwen2", tmp_path / "sharded", max_shard_size="40KB")
     assert (source / "model.safetensors.index.json").is_file()
@@ -84,19 +84,24 @@ def test_converted_dir_loads_with_remote_code_in_fresh_process(tmp_path):
         import sys, torch
         from transformers import AutoModel, AutoModelForCausalLM
         ids = torch.randint(3, 96, (1, 9))
-        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out-llama')!r}, trust_remote_code=True).eval()
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "out-llama")!r}, trust_remote_code=True).eval()
         r = AutoModelForCausalLM.from_pretrained({str(llama)!r}).eval()
         assert (m(ids).logits - r(ids).logits).abs().max() <= 1e-5
         assert torch.equal(m.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0),
                            r.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
-        e = AutoModel.from_pretrained({str(tmp_path / 'out-bert')!r}, trust_remote_code=True).eval()
+        e = AutoModel.from_pretrained({str(tmp_path / "out-bert")!r}, trust_remote_code=True).eval()
         b = AutoModel.from_pretrained({str(bert)!r}).eval()
         assert (e(ids).last_hidden_state - b(ids).last_hidden_state).abs().max() <= 1e-5
         assert not any(k.split('.')[0] in ('converter', 'passes', 'exporters') for k in sys.modules), 'slimformer imported'
         print('OK', type(m).__module__)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK transformers_modules" in result.stdout
 
@@ -104,8 +109,7 @@ def test_converted_dir_loads_with_remote_code_in_fresh_process(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_save_dtype(tmp_path, dtype):
     from safetensors import safe_open
-
-    from converter.conversion import ConvertOptions
+    from slimformer.converter.conversion import ConvertOptions
 
     source = make_tiny("llama", tmp_path / "src")
     convert(source, tmp_path / "out", PipelineSpec(), ConvertOptions(save_dtype=dtype, quiet=True))

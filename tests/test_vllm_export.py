@@ -25,15 +25,15 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_LM, make_tiny
 from safetensors.torch import load_file
+from slimformer.converter.cli import cli
+from slimformer.converter.conversion import load_model
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import DROPPED, load_graph
+from slimformer.converter.outputs import atomic_output_dir
+from slimformer.converter.source import resolve_source
+from slimformer.exporters.safetensors import write_checkpoint
+from slimformer.exporters.vllm import CONFIG_FILE, METADATA_FILE, check_exportable, export_vllm
 from torch.nn import functional as F
-
-from converter.cli import cli
-from converter.conversion import load_model
-from converter.errors import SlimformerError
-from converter.graph import DROPPED, load_graph
-from converter.source import resolve_source
-from exporters.safetensors import atomic_output_dir, write_checkpoint
-from exporters.vllm import CONFIG_FILE, METADATA_FILE, check_exportable, export_vllm
 
 LOGITS_ATOL = 1e-4
 
@@ -343,8 +343,8 @@ def test_sas_layers_are_refused_with_their_index(tmp_path):
 
 def test_real_sas_conversion_is_refused(tmp_path):
     """A checkpoint the sas pass really wrote (approximate conversion of one layer, no healing)."""
-    from converter.conversion import ConvertOptions, convert
-    from converter.pipeline import PassSpec, PipelineSpec
+    from slimformer.converter.conversion import ConvertOptions, convert
+    from slimformer.converter.pipeline import PassSpec, PipelineSpec
 
     spec = PipelineSpec()
     spec.calibration.samples, spec.calibration.seq_len = 4, 64

@@ -44,17 +44,36 @@ class CacheStep:
         """Which keys each query sees (``masks.visible_keys``; ``None`` = plain causal)."""
         if self.written_valid is not None:
             return self.written_valid[:, :, None, :]
-        return visible_keys(self.new_valid, self.past_valid, q_len, self.past_len, sliding_window=sliding_window,
-                            device=device)
+        return visible_keys(
+            self.new_valid,
+            self.past_valid,
+            q_len,
+            self.past_len,
+            sliding_window=sliding_window,
+            device=device,
+        )
 
     def bias(
-        self, q_len: int, dtype: torch.dtype, device: torch.device, sliding_window: int | None, implicit_causal: bool
+        self,
+        q_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        sliding_window: int | None,
+        implicit_causal: bool,
     ) -> torch.Tensor | None:
         """The additive mask of :meth:`visible` (``masks.attention_bias``; ``None`` where no mask is exact)."""
         if self.written_valid is not None:
             return additive_mask(self.written_valid[:, :, None, :], dtype)
-        return attention_bias(self.past_valid, self.new_valid, q_len, self.past_len, dtype, device, sliding_window,
-                              implicit_causal=implicit_causal)
+        return attention_bias(
+            self.past_valid,
+            self.new_valid,
+            q_len,
+            self.past_len,
+            dtype,
+            device,
+            sliding_window,
+            implicit_causal=implicit_causal,
+        )
 
 
 class QueryKeyHeads(nn.Module):
@@ -107,9 +126,7 @@ class QueryKeyHeads(nn.Module):
         if past_key_values is None:
             return CacheStep(key, value, new_valid, None, 0)
         past_valid, past_len = past_key_validity(past_key_values, self.cache_idx, attention_mask, batch)
-        key, value = past_key_values.update(
-            key, value, self.cache_idx, {"new_valid": new_valid}
-        )
+        key, value = past_key_values.update(key, value, self.cache_idx, {"new_valid": new_valid})
         written = written_in_place(past_key_values, self.cache_idx)
         if written is True:  # the token went into the free slot and every stored slot is real: no mask at all
             return CacheStep(key, value, new_valid, None, key.shape[-2] - 1)

@@ -49,14 +49,24 @@ from .masks import grouped_probabilities
 
 # transformers >= 5.24 calls the cache of model outputs (and the forward argument) ``cache``; earlier
 # releases ``past_key_values``. The runtime accepts both and returns the installed release's name.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+CACHE_FIELD = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+)
 
 POLICIES = tuple(POLICY_CLASSES)
 EVICTING_POLICIES = tuple(name for name, cls in POLICY_CLASSES.items() if cls.evicts)
 DEFAULT_CHUNK_SIZE = 128
 __all__ = [
-    "DEFAULT_ALPHA", "DEFAULT_RECENT_RATIO", "DEFAULT_STREAMING_SINK", "EVICTING_POLICIES", "POLICIES",
-    "CachePolicy", "EvictingCache", "EvictingLayer", "LayerLimits", "new_cache",
+    "DEFAULT_ALPHA",
+    "DEFAULT_RECENT_RATIO",
+    "DEFAULT_STREAMING_SINK",
+    "EVICTING_POLICIES",
+    "POLICIES",
+    "CachePolicy",
+    "EvictingCache",
+    "EvictingLayer",
+    "LayerLimits",
+    "new_cache",
 ]
 
 
@@ -182,10 +192,15 @@ class CachePolicy:
 
         ``num_slots`` (the model's cache slots, when known) also checks the length of ``layer_budgets``.
         """
-        _require(self.policy in POLICY_CLASSES, f"kv_cache policy {self.policy!r} is unknown; choose one of {POLICIES}")
+        _require(
+            self.policy in POLICY_CLASSES,
+            f"kv_cache policy {self.policy!r} is unknown; choose one of {POLICIES}",
+        )
         for name in ("budget", "recent", "sink", "score_window", "window", "chunk_size"):
             value = getattr(self, name)
-            _require(value is None or _is_count(value), f"kv_cache {name}={value!r} must be a non-negative integer")
+            _require(
+                value is None or _is_count(value), f"kv_cache {name}={value!r} must be a non-negative integer"
+            )
         for name in ("budget", "score_window", "window", "chunk_size"):
             _require(getattr(self, name) != 0, f"kv_cache {name} must be at least 1")
         _require(
@@ -200,20 +215,31 @@ class CachePolicy:
             self.recent_ratio is None or 0.0 <= self.recent_ratio <= 1.0,
             f"kv_cache recent_ratio={self.recent_ratio} must lie in [0, 1] (a fraction of the budget)",
         )
-        budgets = [name for name in ("budget", "budget_ratio", "layer_budgets") if getattr(self, name) is not None]
+        budgets = [
+            name for name in ("budget", "budget_ratio", "layer_budgets") if getattr(self, name) is not None
+        ]
         kind = self.kind
         if not kind.evicts:
-            _require(not budgets, f"kv_cache policy 'none' never evicts; remove {budgets} or pick an evicting policy")
+            _require(
+                not budgets,
+                f"kv_cache policy 'none' never evicts; remove {budgets} or pick an evicting policy",
+            )
             return
         _require(
             len(budgets) == 1,
             f"kv_cache policy {self.policy!r} needs exactly one of budget (tokens), budget_ratio (fraction of "
             f"the prompt) or layer_budgets (tokens per cache slot); got {budgets or 'none'}",
         )
-        unused = [name for name in ("alpha", "recent", "recent_ratio", "sink", "score_window", "window")
-                  if getattr(self, name) is not None and name not in kind.fields]
-        _require(not unused, f"{kind.summary}; kv_cache policy {self.policy!r} does not use {unused}: remove them "
-                             f"(it reads {', '.join(kind.fields) or 'only a budget'})")
+        unused = [
+            name
+            for name in ("alpha", "recent", "recent_ratio", "sink", "score_window", "window")
+            if getattr(self, name) is not None and name not in kind.fields
+        ]
+        _require(
+            not unused,
+            f"{kind.summary}; kv_cache policy {self.policy!r} does not use {unused}: remove them "
+            f"(it reads {', '.join(kind.fields) or 'only a budget'})",
+        )
         _require(
             self.recent is None or self.recent_ratio is None,
             "give the recent window either as recent (tokens) or as recent_ratio (fraction of the budget), not both",
@@ -229,7 +255,9 @@ class CachePolicy:
                 f"kv_cache layer_budgets has {len(self.layer_budgets)} entries but the model has {num_slots} cache slots",
             )
         for budget in self.layer_budgets or ([self.budget] if self.budget is not None else []):
-            _require(_is_count(budget) and budget >= 1, f"kv_cache budget {budget!r} must be a positive integer")
+            _require(
+                _is_count(budget) and budget >= 1, f"kv_cache budget {budget!r} must be a positive integer"
+            )
             sink, recent = self.effective_sink, kind.recent_window(self, budget)
             _require(
                 budget >= sink + recent,
@@ -344,7 +372,12 @@ class EvictingLayer(DynamicLayer):
             # The first forward is the prompt: a ratio budget is resolved against its (padded) length.
             self.limits = self.policy.limits(self.slot, q_len)
             self.keys, self.values = key_states, value_states
-            self.valid, self.positions, self.ranks, self.scores = valid.clone(), positions.clone(), ranks.clone(), scores
+            self.valid, self.positions, self.ranks, self.scores = (
+                valid.clone(),
+                positions.clone(),
+                ranks.clone(),
+                scores,
+            )
         elif q_len == 1 and bool((~self.valid).any(dim=-1).all()):
             # Every (row, head) has a free slot (a token that left, or padding): write there, gather nothing.
             free = (~self.valid).int().argmax(dim=-1, keepdim=True)  # [B, H_kv, 1]
@@ -408,7 +441,11 @@ class EvictingLayer(DynamicLayer):
         return self.limits is not None and self.policy.scores_attention and q_len <= self.policy.chunk_size
 
     def observe(
-        self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, probs: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+        probs: torch.Tensor | None = None,
     ) -> None:
         """Score this step (``probs`` ``[B, H, q, P]`` from the attention itself, or recomputed from
         ``query`` in chunks), then evict down to the budget."""
@@ -469,7 +506,9 @@ class EvictingLayer(DynamicLayer):
             # One token too many (a decode step): free the lowest-priority unprotected slot; nothing moves.
             priority = self.scores.masked_fill(protected | ~valid, float("inf"))
             victim = priority.argmin(dim=-1, keepdim=True)
-            keep = self.valid.gather(2, victim) & (count <= limits.budget)[..., None]  # rows within budget keep it
+            keep = (
+                self.valid.gather(2, victim) & (count <= limits.budget)[..., None]
+            )  # rows within budget keep it
             self.valid.scatter_(2, victim, keep)
             if bool((count == limits.budget + 1).all()):
                 self.steady, self.free = True, victim
@@ -554,7 +593,12 @@ class EvictingCache(Cache):
         return slot < len(self.layers) and self.layers[slot].wants_probabilities(q_len)
 
     def observe(
-        self, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, probs: torch.Tensor | None = None
+        self,
+        slot: int,
+        query: torch.Tensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+        probs: torch.Tensor | None = None,
     ) -> None:
         self.layers[slot].observe(query, bias, scaling, probs)
 

@@ -142,7 +142,9 @@ class H2O(A2SF):
         return 1.0
 
     def validate(self, config: Any, require: Any) -> None:
-        require(config.alpha in (None, 1.0), f"h2o is A2SF with alpha=1; use policy=a2sf for alpha={config.alpha}")
+        require(
+            config.alpha in (None, 1.0), f"h2o is A2SF with alpha=1; use policy=a2sf for alpha={config.alpha}"
+        )
         super().validate(config, require)
 
 
@@ -185,7 +187,7 @@ class SnapKV(A2SF):
         weights = torch.zeros(q_len, device=device)
         if first_step:
             window = DEFAULT_SNAPKV_WINDOW if config.window is None else config.window
-            weights[max(0, q_len - window):] = 1.0
+            weights[max(0, q_len - window) :] = 1.0
         return weights
 
     ranking = "the attention of the prompt's last queries (observation window)"

@@ -55,7 +55,9 @@ def visible_keys(
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Booleans as an additive bias; a finite minimum instead of -inf keeps fully padded rows finite."""
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+        ~visible, torch.finfo(dtype).min
+    )
 
 
 def attention_bias(
@@ -80,7 +82,9 @@ def attention_bias(
             return None
         if past_len > 0 and query_len == 1 and (past_valid is None or bool(past_valid.all())):
             return None
-    visible = visible_keys(new_valid, past_valid, query_len, past_len, sliding_window=sliding_window, device=device)
+    visible = visible_keys(
+        new_valid, past_valid, query_len, past_len, sliding_window=sliding_window, device=device
+    )
     if visible is None:  # causal, no past, no padding, but the kernel needs the mask spelled out
         visible = torch.ones(query_len, query_len, dtype=torch.bool, device=device).tril()[None, None]
     return additive_mask(visible, dtype)
@@ -115,7 +119,9 @@ def grouped_probabilities(
         logits = logits.masked_fill(future, float("-inf"))
     else:
         heads = bias.shape[1]
-        outer = heads // groups if heads == n_heads else heads  # [.., 1 | H_kv | H, ..] -> [.., 1 | H_kv, 1 | G, ..]
+        outer = (
+            heads // groups if heads == n_heads else heads
+        )  # [.., 1 | H_kv | H, ..] -> [.., 1 | H_kv, 1 | G, ..]
         logits = logits + bias[:, :, start:stop].float().reshape(bias.shape[0], outer, -1, rows, phys)
     return logits.softmax(dim=-1)
 

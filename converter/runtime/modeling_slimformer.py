@@ -152,7 +152,9 @@ def decoder_layer(config: SlimformerConfig, layer_idx: int, cache_idx: int | Non
     """The standard pre-norm layer, or a simplified one (SAS, see ``sas.py``) when its block config names a form."""
     if attention_form(config, layer_idx) == STANDARD:
         return SlimformerDecoderLayer(config, layer_idx, cache_idx)
-    return SasDecoderLayer(config, layer_idx, cache_idx, SlimformerMLP(config) if config.ffn_kept(layer_idx) else None)
+    return SasDecoderLayer(
+        config, layer_idx, cache_idx, SlimformerMLP(config) if config.ffn_kept(layer_idx) else None
+    )
 
 
 def reset_buffers(module: nn.Module, device: torch.device | str | None = None) -> None:
@@ -243,7 +245,9 @@ class SlimformerModel(SlimformerPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask, past_key_values)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: past_key_values if use_cache else None})
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, **{CACHE_FIELD: past_key_values if use_cache else None}
+        )
 
 
 class SlimformerForCausalLM(SlimformerPreTrainedModel, GenerationMixin):
@@ -306,7 +310,9 @@ class SlimformerEncoderLayer(nn.Module):
 
     def __init__(self, config: SlimformerConfig, layer_idx: int) -> None:
         super().__init__()
-        self.attention = BertAttention(config, layer_idx=layer_idx) if config.attention_kept(layer_idx) else None
+        self.attention = (
+            BertAttention(config, layer_idx=layer_idx) if config.attention_kept(layer_idx) else None
+        )
         if config.ffn_kept(layer_idx):
             self.intermediate = BertIntermediate(config)
             self.output = BertOutput(config)
@@ -352,12 +358,19 @@ class SlimformerEncoderModel(SlimformerPreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
         hidden_states = self.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+            input_ids=input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
         )
         extended_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            extended_mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-            extended_mask = extended_mask.masked_fill(~attention_mask.bool(), torch.finfo(hidden_states.dtype).min)
+            extended_mask = torch.zeros(
+                attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device
+            )
+            extended_mask = extended_mask.masked_fill(
+                ~attention_mask.bool(), torch.finfo(hidden_states.dtype).min
+            )
             extended_mask = extended_mask[:, None, None, :]
         for layer in self.encoder.layer:
             hidden_states = layer(hidden_states, extended_mask)

@@ -23,7 +23,9 @@ DEFAULT_THETA = 10000.0
 
 
 def normalise_rope(
-    rope_parameters: dict[str, Any] | None, rope_theta: float | None = None, rope_scaling: dict[str, Any] | None = None
+    rope_parameters: dict[str, Any] | None,
+    rope_theta: float | None = None,
+    rope_scaling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``rope_parameters`` dict from either release's fields (``rope_parameters`` wins when given).
 

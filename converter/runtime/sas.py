@@ -84,10 +84,16 @@ class BlockForm:
 
 
 FORMS: dict[str, BlockForm] = {
-    "shaped": BlockForm(attention_skip=True, parallel=False, attention_norm=True, mlp_norm=True, mlp_gain=False),
+    "shaped": BlockForm(
+        attention_skip=True, parallel=False, attention_norm=True, mlp_norm=True, mlp_gain=False
+    ),
     "sas": BlockForm(attention_skip=False, parallel=False, attention_norm=True, mlp_norm=True, mlp_gain=True),
-    "sas_p": BlockForm(attention_skip=False, parallel=True, attention_norm=True, mlp_norm=False, mlp_gain=True),
-    "sas_p_nonorm": BlockForm(attention_skip=False, parallel=True, attention_norm=False, mlp_norm=False, mlp_gain=True),
+    "sas_p": BlockForm(
+        attention_skip=False, parallel=True, attention_norm=True, mlp_norm=False, mlp_gain=True
+    ),
+    "sas_p_nonorm": BlockForm(
+        attention_skip=False, parallel=True, attention_norm=False, mlp_norm=False, mlp_gain=True
+    ),
 }
 
 
@@ -95,7 +101,9 @@ def attention_form(config: Any, layer: int) -> str:
     """The layer's form: ``"standard"`` or a key of :data:`FORMS`."""
     form = config.block_configs[layer]["attention"].get("form", STANDARD)
     if form != STANDARD and form not in FORMS:
-        raise ValueError(f"layer {layer}: unknown attention form {form!r}; known: {STANDARD}, {', '.join(FORMS)}")
+        raise ValueError(
+            f"layer {layer}: unknown attention form {form!r}; known: {STANDARD}, {', '.join(FORMS)}"
+        )
     return form
 
 
@@ -148,7 +156,9 @@ def attention_branches(
     heads = query.shape[1]
     if 1 < visible.shape[1] < heads:  # per-KV-head validity (an evicting cache): one row per query head
         visible = visible.repeat_interleave(heads // visible.shape[1], dim=1)
-    soft = F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask(visible, query.dtype), scale=scaling)
+    soft = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=additive_mask(visible, query.dtype), scale=scaling
+    )
     centred = centering_matrix(visible).to(value.dtype) @ value
     return soft, centred
 
@@ -228,8 +238,17 @@ class ShapedAttention(QueryKeyHeads):
         values = values.view(batch, self.num_key_value_heads, k_len, self.num_key_value_groups, self.head_dim)
         values = values.transpose(2, 3).reshape(batch, self.num_heads, k_len, self.head_dim)
         keys = repeat_kv(key, self.num_key_value_groups)
-        mixed = shaped_attention(query, keys, values, self.heads(value), visible, self.scaling,
-                                 self.shaped_alpha, self.shaped_beta, self.shaped_gamma)
+        mixed = shaped_attention(
+            query,
+            keys,
+            values,
+            self.heads(value),
+            visible,
+            self.scaling,
+            self.shaped_alpha,
+            self.shaped_beta,
+            self.shaped_gamma,
+        )
         if past_key_values is not None:
             # Score-driven caches accumulate the softmax probabilities, as with standard attention.
             bias = None if visible is None else additive_mask(visible, query.dtype)
@@ -258,14 +277,20 @@ class SasDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         name = attention_form(config, layer_idx)
         if cache_idx is None:
-            raise ValueError(f"layer {layer_idx}: form {name!r} needs its attention sub-block, which is dropped")
+            raise ValueError(
+                f"layer {layer_idx}: form {name!r} needs its attention sub-block, which is dropped"
+            )
         self.form = FORMS[name]
         norm = lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # noqa: E731
         self.input_layernorm = norm() if self.form.attention_norm else None
         self.self_attn = ShapedAttention(config, layer_idx, cache_idx)
         self.mlp = mlp
         self.post_attention_layernorm = norm() if mlp is not None and self.form.mlp_norm else None
-        self.mlp_gain = nn.Parameter(torch.full((1,), DEFAULT_MLP_GAIN)) if mlp is not None and self.form.mlp_gain else None
+        self.mlp_gain = (
+            nn.Parameter(torch.full((1,), DEFAULT_MLP_GAIN))
+            if mlp is not None and self.form.mlp_gain
+            else None
+        )
 
     def forward(
         self,

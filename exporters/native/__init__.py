@@ -6,7 +6,7 @@ nvcc exists, ``libslimformer_a2sf_cuda.so`` (CUDA + CPU). A session that registe
 body; the exported model is the same either way. ``find_library`` says whether a built library can be
 used here and, when not, why -- so that callers can fall back to the function body with a clear reason::
 
-    from exporters.native import find_library
+    from slimformer.exporters.native import find_library
     library = find_library("cpu")
     if library.usable:
         options.register_custom_ops_library(str(library.path))
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter.errors import SlimformerError
+from slimformer.converter.errors import SlimformerError
 
 from .build import LIBRARIES, default_build_dir, read_manifest, sources_digest
 

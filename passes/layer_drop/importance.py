@@ -49,10 +49,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import CheckpointGraph, _materialise_buffers
 from torch import nn
-
-from .errors import SlimformerError
-from .graph import CheckpointGraph, _materialise_buffers
 
 KINDS = ("attention", "mlp", "block")
 MODES = ("attention", "mlp", "block", "joint")  # joint = attention and MLP ranked together
@@ -105,8 +104,12 @@ def rank_modules(scores: LayerScores, mode: str) -> list[ScoredModule]:
     if mode not in MODES:
         raise SlimformerError(f"unknown drop mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
     kinds = ("attention", "mlp") if mode == "joint" else (mode,)
-    modules = [ScoredModule(kind, layer, score) for kind in kinds for layer, score in enumerate(scores.of(kind))
-               if score is not None]
+    modules = [
+        ScoredModule(kind, layer, score)
+        for kind in kinds
+        for layer, score in enumerate(scores.of(kind))
+        if score is not None
+    ]
     return sorted(modules, key=lambda m: (m.score, m.layer, KINDS.index(m.kind)))
 
 
@@ -159,7 +162,10 @@ class _LayerProbe:
 
     def _decoder(self, layer: nn.Module) -> None:
         # Pre-norm: X enters the norm; the module sees norm(X) and its output is added back to X.
-        for kind, norm, module in (("attention", "input_layernorm", "self_attn"), ("mlp", "post_attention_layernorm", "mlp")):
+        for kind, norm, module in (
+            ("attention", "input_layernorm", "self_attn"),
+            ("mlp", "post_attention_layernorm", "mlp"),
+        ):
             if getattr(layer, module) is None:
                 continue
             if self.compare == "residual":
@@ -201,8 +207,10 @@ def _check_options(metric: str, compare: str, windows: torch.Tensor, batch_size:
     if compare not in COMPARES:
         raise SlimformerError(f"unknown comparison {compare!r}", fix=f"use one of {', '.join(COMPARES)}")
     if windows.dim() != 2 or windows.numel() == 0:
-        raise SlimformerError("calibration windows must be a non-empty [samples, seq_len] token tensor",
-                              fix="use converter.calibration.sample_windows")
+        raise SlimformerError(
+            "calibration windows must be a non-empty [samples, seq_len] token tensor",
+            fix="use converter.calibration.sample_windows",
+        )
     if batch_size < 1:
         raise SlimformerError(f"batch size must be at least 1 (got {batch_size})", fix="raise the batch size")
 
@@ -213,8 +221,8 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
-    # A bar on a terminal, plain lines in a log (see converter.evaluation.progress_bar).
-    from .evaluation import progress_bar
+    # A bar on a terminal, plain lines in a log (see slimformer.converter.progress).
+    from slimformer.converter.progress import progress_bar
 
     return progress_bar(total, desc, enabled, unit="window" if desc == "scoring" else "layer")
 
@@ -264,23 +272,39 @@ def score_model(
             probe.remove()
     seconds = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return LayerScores(**_collect(probes), n_tokens=windows.numel(), metric=metric, compare=compare, source=source,
-                       mode="full", seconds=seconds, peak_weight_bytes=weight_bytes)
+    return LayerScores(
+        **_collect(probes),
+        n_tokens=windows.numel(),
+        metric=metric,
+        compare=compare,
+        source=source,
+        mode="full",
+        seconds=seconds,
+        peak_weight_bytes=weight_bytes,
+    )
 
 
 # ---- streaming (memory-bounded) scoring --------------------------------------------------------------
 def _load_module(module: nn.Module, graph_tensors: dict[str, torch.Tensor], prefix: str, where: str) -> None:
-    state = {name[len(prefix):]: tensor for name, tensor in graph_tensors.items()}
+    state = {name[len(prefix) :]: tensor for name, tensor in graph_tensors.items()}
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise SlimformerError(f"weights of {prefix.rstrip('.')} do not match its structure: {exc}", where=where,
-                              fix="the checkpoint is incomplete or its config does not describe its weights") from exc
+        raise SlimformerError(
+            f"weights of {prefix.rstrip('.')} do not match its structure: {exc}",
+            where=where,
+            fix="the checkpoint is incomplete or its config does not describe its weights",
+        ) from exc
 
 
 def _block_tensors(graph: CheckpointGraph, index: int) -> dict[str, torch.Tensor]:
     block = graph.blocks[index]
-    return {ref.name: ref.load() for node in (block.attention, block.mlp) if node.kept for ref in node.tensors.values()}
+    return {
+        ref.name: ref.load()
+        for node in (block.attention, block.mlp)
+        if node.kept
+        for ref in node.tensors.values()
+    }
 
 
 @functools.cache
@@ -324,7 +348,7 @@ def score_streaming(
 ) -> LayerScores:
     """Score ``graph`` one layer at a time: only one block's weights are ever loaded (read lazily from the
     safetensors files), and the calibration hidden states are carried from layer to layer on the CPU."""
-    from .runtime.modeling_slimformer import SlimformerEncoderModel, SlimformerForCausalLM
+    from slimformer.converter.runtime.modeling_slimformer import SlimformerEncoderModel, SlimformerForCausalLM
 
     _check_options(metric, compare, windows, batch_size)
     samples, seq_len = windows.shape
@@ -338,7 +362,9 @@ def score_streaming(
     trunk = skeleton if graph.is_encoder else skeleton.model
 
     # Embeddings: the only non-block weights scoring needs (the final norm and head play no part).
-    embed, prefix = (trunk.embeddings, "embeddings.") if graph.is_encoder else (trunk.embed_tokens, "model.embed_tokens.")
+    embed, prefix = (
+        (trunk.embeddings, "embeddings.") if graph.is_encoder else (trunk.embed_tokens, "model.embed_tokens.")
+    )
     _load_module(embed, {r.name: r.load() for r in graph.embeddings.tensors.values()}, prefix, where)
     _materialise_buffers(embed, device)
     embed.to(device=device, dtype=dtype).eval()
@@ -353,7 +379,9 @@ def score_streaming(
         # RoPE and positions exactly as the decoder trunk computes them for an unpadded window without cache.
         _materialise_buffers(trunk.rotary_emb, device)
         positions = torch.arange(seq_len, device=device)[None]
-        position_embeddings = trunk.rotary_emb(torch.empty(1, seq_len, 0, dtype=dtype, device=device), positions)
+        position_embeddings = trunk.rotary_emb(
+            torch.empty(1, seq_len, 0, dtype=dtype, device=device), positions
+        )
 
     probes = []
     layers = _runtime_layers(skeleton)
@@ -374,8 +402,16 @@ def score_streaming(
             _return_freed_memory_to_the_os()
             bar.update(1)
     seconds = time.perf_counter() - start
-    return LayerScores(**_collect(probes), n_tokens=windows.numel(), metric=metric, compare=compare, source=source,
-                       mode="streaming", seconds=seconds, peak_weight_bytes=peak)
+    return LayerScores(
+        **_collect(probes),
+        n_tokens=windows.numel(),
+        metric=metric,
+        compare=compare,
+        source=source,
+        mode="streaming",
+        seconds=seconds,
+        peak_weight_bytes=peak,
+    )
 
 
 def score_graph(
@@ -393,13 +429,29 @@ def score_graph(
 ) -> LayerScores:
     """Importance of every sub-block of the graph's current state (dropped ones score ``None``)."""
     if streaming:
-        return score_streaming(graph, windows, metric=metric, compare=compare, batch_size=batch_size, device=device,
-                               dtype=dtype, progress=progress, source=source)
+        return score_streaming(
+            graph,
+            windows,
+            metric=metric,
+            compare=compare,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            source=source,
+        )
     _check_options(metric, compare, windows, batch_size)
     start = time.perf_counter()
     model = graph.build_model(dtype=dtype, device=device)
-    scores = score_model(model, windows, metric=metric, compare=compare, batch_size=batch_size, progress=progress,
-                         source=source)
+    scores = score_model(
+        model,
+        windows,
+        metric=metric,
+        compare=compare,
+        batch_size=batch_size,
+        progress=progress,
+        source=source,
+    )
     scores.seconds = time.perf_counter() - start  # building the model is part of the cost, as in streaming
     return scores
 
@@ -461,17 +513,23 @@ class Stability:
     def describe(self) -> list[str]:
         lines = []
         for pair in self.pairs:
-            rho = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in pair["spearman"].items())
-            lines.append(f"calibration {pair['sources'][0]} vs {pair['sources'][1]}: Spearman {rho}; "
-                         f"overlap of the {self.n} {self.mode} module(s) each would drop (Jaccard) {pair['jaccard']:.2f}")
+            rho = ", ".join(
+                f"{k} {v:.2f}" if v is not None else f"{k} n/a" for k, v in pair["spearman"].items()
+            )
+            lines.append(
+                f"calibration {pair['sources'][0]} vs {pair['sources'][1]}: Spearman {rho}; "
+                f"overlap of the {self.n} {self.mode} module(s) each would drop (Jaccard) {pair['jaccard']:.2f}"
+            )
         return lines
 
     def warning(self) -> str | None:
         if self.stable:
             return None
         sets = "; ".join(f"{src} -> {', '.join(mods) or 'nothing'}" for src, mods in self.drop_sets.items())
-        return (f"the {self.mode} drop set depends on the calibration source (Jaccard down to {self.min_jaccard:.2f}): "
-                f"{sets}. Calibrate on text like the deployment's, or compare quality on each.")
+        return (
+            f"the {self.mode} drop set depends on the calibration source (Jaccard down to {self.min_jaccard:.2f}): "
+            f"{sets}. Calibrate on text like the deployment's, or compare quality on each."
+        )
 
 
 def compare_sources(scores: dict[str, LayerScores], mode: str, n: int) -> Stability:
@@ -481,10 +539,11 @@ def compare_sources(scores: dict[str, LayerScores], mode: str, n: int) -> Stabil
     drop_sets = {src: [m.label for m in rank_modules(scores[src], mode)[:n]] for src in sources}
     stability = Stability(mode, n, drop_sets)
     for i, a in enumerate(sources):
-        for b in sources[i + 1:]:
+        for b in sources[i + 1 :]:
             rho = {kind: spearman(scores[a].of(kind), scores[b].of(kind)) for kind in KINDS}
-            stability.pairs.append({"sources": [a, b], "spearman": rho,
-                                    "jaccard": jaccard(set(drop_sets[a]), set(drop_sets[b]))})
+            stability.pairs.append(
+                {"sources": [a, b], "spearman": rho, "jaccard": jaccard(set(drop_sets[a]), set(drop_sets[b]))}
+            )
     return stability
 
 
@@ -498,9 +557,58 @@ def format_table(scores: LayerScores, dropped: set[str] | None = None) -> str:
         return text + ("*" if f"{kind}:{layer}" in dropped else " ")
 
     name = "1 - cos" if scores.metric == "cosine" else "angular distance"
-    lines = [f"importance ({name}, {scores.compare}) on {scores.source or 'calibration'}: {scores.n_tokens:,} tokens, "
-             f"{scores.mode} mode, {scores.seconds:.2f}s",
-             f"{'layer':>5}  {'attention':>10}  {'mlp':>10}  {'block':>10}"]
+    lines = [
+        f"importance ({name}, {scores.compare}) on {scores.source or 'calibration'}: {scores.n_tokens:,} tokens, "
+        f"{scores.mode} mode, {scores.seconds:.2f}s",
+        f"{'layer':>5}  {'attention':>10}  {'mlp':>10}  {'block':>10}",
+    ]
     for layer in range(len(scores.attention)):
-        lines.append(f"{layer:>5}  {cell('attention', layer):>10}  {cell('mlp', layer):>10}  {cell('block', layer):>10}")
+        lines.append(
+            f"{layer:>5}  {cell('attention', layer):>10}  {cell('mlp', layer):>10}  {cell('block', layer):>10}"
+        )
     return "\n".join(lines)
+
+
+def score(
+    source: str,
+    calib: str = "stdlib:train",
+    *,
+    samples: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    streaming: bool = False,
+    metric: str = "cosine",
+    compare: str = "residual",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LayerScores:
+    """Importance of every sub-block of the checkpoint ``source`` on calibration text ``calib``
+    (``slimformer score`` as a function): the scores the layer-drop pass would rank."""
+    from slimformer.converter.calibration import sample_windows
+    from slimformer.converter.graph import load_graph
+    from slimformer.converter.source import resolve_source
+    from slimformer.converter.tokenizer import load_tokenizer
+
+    src = resolve_source(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(src.path, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise SlimformerError(
+            "scoring needs calibration text, but the checkpoint has no tokenizer",
+            where=source,
+            fix="add tokenizer files (tokenizer.json / tokenizer_config.json)",
+        )
+    windows = sample_windows(tokenizer, calib, samples, seq_len, seed)
+    return score_graph(
+        load_graph(src),
+        windows,
+        streaming=streaming,
+        metric=metric,
+        compare=compare,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        source=calib,
+    )

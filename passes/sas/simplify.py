@@ -49,18 +49,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.evaluation import perplexity_of_tokens
+from slimformer.converter.graph import REPLACED, Block, CheckpointGraph, TensorRef
+from slimformer.converter.runtime.masks import visible_keys
+from slimformer.converter.runtime.sas import STANDARD, ShapedAttention, attention_branches
+from slimformer.passes.base import DryRun, Pass, PassContext, register
+from slimformer.passes.healing import HealSettings, distill
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from converter.errors import SlimformerError
-from converter.evaluation import perplexity_of_tokens
-from converter.graph import REPLACED, Block, CheckpointGraph, TensorRef
-from converter.pipeline import DryRun, Pass, PassContext, register
-from converter.runtime.masks import visible_keys
-from converter.runtime.sas import STANDARD, ShapedAttention, attention_branches
-
-from .healing import HealSettings, distill
-from .sas_fold import fold as fold_maps
-from .sas_fold import form, has_reparam_maps, logits_of, relative_error
+from .fold import fold as fold_maps
+from .fold import form, has_reparam_maps, logits_of, relative_error
 
 HEAL_PARAMS = ("converted", "attention", "all")
 CONVERTED_FORM = "shaped"
@@ -71,22 +70,37 @@ class SasConfig:
     """Options of the ``sas`` pass (CLI: ``--sas layers=2,heal_steps=200``; ``heal-steps`` is read as ``heal_steps``).
     The ``help`` metadata is what ``slimformer convert --help`` prints."""
 
-    layers: int = field(default=0, metadata={
-        "help": "standard attention sub-blocks to convert approximately, lowest fit error first "
-                "(0: only fold SAS-form layers)"})
-    heal_steps: int = field(default=100, metadata={"help": "distillation steps after the conversion (0: no healing)"})
+    layers: int = field(
+        default=0,
+        metadata={
+            "help": "standard attention sub-blocks to convert approximately, lowest fit error first "
+            "(0: only fold SAS-form layers)"
+        },
+    )
+    heal_steps: int = field(
+        default=100, metadata={"help": "distillation steps after the conversion (0: no healing)"}
+    )
     heal_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of healing"})
     heal_batch_size: int = field(default=4, metadata={"help": "calibration windows per healing step"})
-    heal_params: str = field(default="converted", metadata={
-        "help": "what healing trains: converted (all parameters of the converted layers), attention, or all"})
-    hidden_mse: float = field(default=0.0, metadata={
-        "help": "weight of the converted layers' relative hidden-state MSE in the healing loss"})
-    heal_device: str | None = field(default=None, metadata={
-        "help": "device for healing", "default_text": "the --device"})
-    identity_tol: float = field(default=1e-6, metadata={
-        "help": "fold a map to the identity when ||W - cI|| / ||cI|| is below this"})
-    max_fold_error: float = field(default=1e-4, metadata={
-        "help": "refuse a fold whose relative logit error exceeds this"})
+    heal_params: str = field(
+        default="converted",
+        metadata={
+            "help": "what healing trains: converted (all parameters of the converted layers), attention, or all"
+        },
+    )
+    hidden_mse: float = field(
+        default=0.0,
+        metadata={"help": "weight of the converted layers' relative hidden-state MSE in the healing loss"},
+    )
+    heal_device: str | None = field(
+        default=None, metadata={"help": "device for healing", "default_text": "the --device"}
+    )
+    identity_tol: float = field(
+        default=1e-6, metadata={"help": "fold a map to the identity when ||W - cI|| / ||cI|| is below this"}
+    )
+    max_fold_error: float = field(
+        default=1e-4, metadata={"help": "refuse a fold whose relative logit error exceeds this"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of healing's window order"})
 
     def __post_init__(self) -> None:
@@ -115,7 +129,7 @@ class SasPass(Pass):
     def check(self, dry: DryRun) -> None:
         """Family and head layout, something to do, enough standard layers left, text and a device to heal
         on; then mark the converted layers in the copy (which ones depends on the fit, not known yet)."""
-        from converter.conversion import check_device
+        from slimformer.converter.conversion import check_device
 
         cfg, graph, ctx = self.config, dry.graph, dry.ctx
         check_supported(graph)
@@ -132,29 +146,39 @@ class SasPass(Pass):
             raise SlimformerError(
                 f"sas layers={cfg.layers} but only {len(candidates)} of {len(graph.blocks)} layers have a standard "
                 f"attention sub-block to convert{dry.after()}",
-                fix=f"use layers={len(candidates)} or fewer" + (", or drop fewer attention sub-blocks" if dry.history else ""),
+                fix=f"use layers={len(candidates)} or fewer"
+                + (", or drop fewer attention sub-blocks" if dry.history else ""),
             )
         if ctx.tokenizer is None:
-            raise SlimformerError("the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
-                                  fix="add the tokenizer files to the checkpoint")
+            raise SlimformerError(
+                "the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
+                fix="add the tokenizer files to the checkpoint",
+            )
         if not ctx.evaluation.ppl and ctx.calibration.samples < 2:
-            raise SlimformerError("need at least 2 calibration windows to hold some out for perplexity",
-                                  fix="raise --calib-samples or pass --eval-ppl")
+            raise SlimformerError(
+                "need at least 2 calibration windows to hold some out for perplexity",
+                fix="raise --calib-samples or pass --eval-ppl",
+            )
         if cfg.heal_device:
             check_device(cfg.heal_device)
-        for block in candidates[-cfg.layers:]:
+        for block in candidates[-cfg.layers :]:
             block.attention.state, block.attention.details["form"] = REPLACED, CONVERTED_FORM
         dry.history.append(f"sas converts {cfg.layers} attention sub-block(s)")
 
     def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
         check_supported(graph)
         changes: dict[str, Any] = {}
-        sas_layers = [block.index for block in graph.blocks if block.attention.kept and form(block) != STANDARD]
+        sas_layers = [
+            block.index for block in graph.blocks if block.attention.kept and form(block) != STANDARD
+        ]
         if has_reparam_maps(graph):
             changes["fold"] = self.fold(graph, ctx)
         elif sas_layers:
-            changes["fold"] = {"actions": [], "params_removed": 0,
-                               "note": "every value and projection map is already the identity"}
+            changes["fold"] = {
+                "actions": [],
+                "params_removed": 0,
+                "note": "every value and projection map is already the identity",
+            }
         if self.config.layers:
             changes["conversion"] = self.convert(graph, ctx)
         if not changes:
@@ -171,37 +195,51 @@ class SasPass(Pass):
         reference = logits_of(graph.build_model(device=ctx.device), windows)
         report = fold_maps(graph, self.config.identity_tol)
         error = relative_error(reference, logits_of(graph.build_model(device=ctx.device), windows))
-        ctx.log(f"[sas] folded {len(report.actions)} map(s), {report.params_removed:,} parameters removed; "
-                f"relative logit error {error:.2e} on {source}")
+        ctx.log(
+            f"[sas] folded {len(report.actions)} map(s), {report.params_removed:,} parameters removed; "
+            f"relative logit error {error:.2e} on {source}"
+        )
         if error > self.config.max_fold_error:
             raise SlimformerError(
                 f"the SAS fold changed the logits by {error:.2e} (relative), more than max_fold_error={self.config.max_fold_error:g}",
                 fix="lower identity_tol (only maps that are the identity up to rounding fold losslessly)",
             )
-        return {**report.to_dict(), "identity_tol": self.config.identity_tol, "relative_logit_error": error,
-                "max_fold_error": self.config.max_fold_error, "verified_on": source, "lossless": True}
+        return {
+            **report.to_dict(),
+            "identity_tol": self.config.identity_tol,
+            "relative_logit_error": error,
+            "max_fold_error": self.config.max_fold_error,
+            "verified_on": source,
+            "lossless": True,
+        }
 
     # ---- 2. approximate conversion -----------------------------------------------------------------------
 
     def convert(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
         cfg = self.config
-        candidates = [block.index for block in graph.blocks if block.attention.kept and form(block) == STANDARD]
+        candidates = [
+            block.index for block in graph.blocks if block.attention.kept and form(block) == STANDARD
+        ]
         if cfg.layers > len(candidates):
             raise SlimformerError(
                 f"sas layers={cfg.layers} but only {len(candidates)} layer(s) have a standard attention sub-block to convert",
                 fix=f"use layers={len(candidates)} or fewer",
             )
         if ctx.tokenizer is None:
-            raise SlimformerError("the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
-                                  fix="add the tokenizer files to the checkpoint")
+            raise SlimformerError(
+                "the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
+                fix="add the tokenizer files to the checkpoint",
+            )
         windows = ctx.calibration_windows()
         if ctx.evaluation.ppl:
             heal_windows, heldout, ppl_source = windows, None, ctx.evaluation.ppl
         else:
             n_heldout = max(1, len(windows) // 8)
             if len(windows) <= n_heldout:
-                raise SlimformerError("need at least 2 calibration windows to hold some out for perplexity",
-                                      fix="raise --calib-samples or pass --eval-ppl")
+                raise SlimformerError(
+                    "need at least 2 calibration windows to hold some out for perplexity",
+                    fix="raise --calib-samples or pass --eval-ppl",
+                )
             heal_windows, heldout = windows[:-n_heldout], windows[-n_heldout:]
             ppl_source = f"{n_heldout} held-out calibration window(s) of {windows.shape[1]} tokens"
         device = cfg.heal_device or ctx.device
@@ -213,15 +251,19 @@ class SasPass(Pass):
 
         teacher = graph.build_model(device=device)
         ppl_before = measure(teacher)
-        ctx.log(f"[sas] perplexity before conversion: {ppl_before:.3f} ({ppl_source}); scoring {len(candidates)} layer(s) ...")
+        ctx.log(
+            f"[sas] perplexity before conversion: {ppl_before:.3f} ({ppl_source}); scoring {len(candidates)} layer(s) ..."
+        )
         fits = fit_layers(teacher, heal_windows, candidates, batch_size=cfg.heal_batch_size)
         chosen = sorted(sorted(fits, key=lambda f: f.score)[: cfg.layers], key=lambda f: f.layer)
         params_before, kv_before = graph.num_params(), graph.kv_bytes_per_token()
         for fit in chosen:
             replace_attention(graph.blocks[fit.layer], fit)
         converted = [fit.layer for fit in chosen]
-        ctx.log(f"[sas] converted layer(s) {converted} to shaped attention with identity V/P "
-                f"({params_before - graph.num_params():,} parameters removed) -- an approximation")
+        ctx.log(
+            f"[sas] converted layer(s) {converted} to shaped attention with identity V/P "
+            f"({params_before - graph.num_params():,} parameters removed) -- an approximation"
+        )
 
         student = graph.build_model(device=device)
         ppl_after = measure(student)
@@ -233,32 +275,56 @@ class SasPass(Pass):
             if epochs > 2:
                 # Measured on pycoder-8m (README, SAS): 64 windows seen 6 times healed 2 layers to ppl 32.5, 256 windows
                 # seen 1.6 times to 31.3 -- the converted layers overfit a small calibration set.
-                ctx.log(f"[sas] note: healing visits each of the {len(heal_windows)} calibration windows {epochs:.1f} times; "
-                        "more windows (--calib-samples) heal better than more passes over few")
+                ctx.log(
+                    f"[sas] note: healing visits each of the {len(heal_windows)} calibration windows {epochs:.1f} times; "
+                    "more windows (--calib-samples) heal better than more passes over few"
+                )
             trainable = trainable_filter(graph, converted, cfg.heal_params)
-            settings = HealSettings(steps=cfg.heal_steps, lr=cfg.heal_lr, batch_size=cfg.heal_batch_size,
-                                    hidden_mse=cfg.hidden_mse, seed=cfg.seed)
-            heal = distill(student, teacher, heal_windows, trainable, settings, mse_layers=converted, log=ctx.log,
-                           progress=ctx.progress)
+            settings = HealSettings(
+                steps=cfg.heal_steps,
+                lr=cfg.heal_lr,
+                batch_size=cfg.heal_batch_size,
+                hidden_mse=cfg.hidden_mse,
+                seed=cfg.seed,
+            )
+            heal = distill(
+                student,
+                teacher,
+                heal_windows,
+                trainable,
+                settings,
+                mse_layers=converted,
+                log=ctx.log,
+                progress=ctx.progress,
+            )
             heal.update(params=cfg.heal_params, epochs=round(epochs, 2))
             store_parameters(graph, student, trainable)
-            ppl_healed = measure(graph.build_model(device=device))  # what will be written, not the live student
+            ppl_healed = measure(
+                graph.build_model(device=device)
+            )  # what will be written, not the live student
             ctx.log(f"[sas] perplexity after healing: {ppl_healed:.3f}")
             plot = healing_plot(heal)
             if plot is not None:
                 ctx.artefacts["sas_healing.png"] = plot
         return {
             "approximate": True,
-            "note": ("APPROXIMATE conversion: in the converted layers the attention's value and output projections are "
-                     "replaced by identities (shaped attention, residual skip kept); the model computes a different "
-                     "function, and the perplexities below measure the cost"),
+            "note": (
+                "APPROXIMATE conversion: in the converted layers the attention's value and output projections are "
+                "replaced by identities (shaped attention, residual skip kept); the model computes a different "
+                "function, and the perplexities below measure the cost"
+            ),
             "converted_layers": converted,
             "form": CONVERTED_FORM,
             "score": "least-squares fit error of shaped attention relative to the residual stream, ||y - y_fit|| / ||x||",
             "layer_scores": [fit.to_dict() for fit in fits],
             "params_removed": params_before - graph.num_params(),
             "kv_bytes_per_token": {"before": kv_before, "after": graph.kv_bytes_per_token()},
-            "perplexity": {"source": ppl_source, "before": ppl_before, "after_conversion": ppl_after, "after_healing": ppl_healed},
+            "perplexity": {
+                "source": ppl_source,
+                "before": ppl_before,
+                "after_conversion": ppl_after,
+                "after_healing": ppl_healed,
+            },
             "calibration": {"windows": len(heal_windows), "seq_len": windows.shape[1]},
             "heal": heal,
         }
@@ -310,9 +376,16 @@ class LayerFit:
         return self.fit_error
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "fit_error": self.fit_error, "attention_error": self.attention_error,
-                "drop_error": self.drop_error,
-                **{f"mean_{name}": float(self.gains[i].mean()) for i, name in enumerate(("alpha", "beta", "gamma"))}}
+        return {
+            "layer": self.layer,
+            "fit_error": self.fit_error,
+            "attention_error": self.attention_error,
+            "drop_error": self.drop_error,
+            **{
+                f"mean_{name}": float(self.gains[i].mean())
+                for i, name in enumerate(("alpha", "beta", "gamma"))
+            },
+        }
 
 
 class _FitStatistics:
@@ -332,9 +405,17 @@ class _FitStatistics:
         self.target += target.pow(2).sum(dim=(0, 2, 3)).cpu()
 
     def solve(self, layer: int) -> LayerFit:
-        ridge = 1e-9 * self.gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[:, None, None] * torch.eye(3, dtype=torch.float64)
+        ridge = (
+            1e-9
+            * self.gram.diagonal(dim1=-2, dim2=-1).mean(dim=-1)[:, None, None]
+            * torch.eye(3, dtype=torch.float64)
+        )
         gains = torch.linalg.solve(self.gram + ridge, self.cross[..., None])[..., 0]  # [H, 3]
-        residual = self.target - 2 * (gains * self.cross).sum(-1) + torch.einsum("hk,hkj,hj->h", gains, self.gram, gains)
+        residual = (
+            self.target
+            - 2 * (gains * self.cross).sum(-1)
+            + torch.einsum("hk,hkj,hj->h", gains, self.gram, gains)
+        )
         error = float(residual.clamp_min(0).sum()) ** 0.5
         target = float(self.target.sum()) ** 0.5
         stream = self.stream**0.5
@@ -342,7 +423,9 @@ class _FitStatistics:
 
 
 @torch.no_grad()
-def fit_layers(model: torch.nn.Module, windows: torch.Tensor, layers: list[int], batch_size: int = 4) -> list[LayerFit]:
+def fit_layers(
+    model: torch.nn.Module, windows: torch.Tensor, layers: list[int], batch_size: int = 4
+) -> list[LayerFit]:
     """Fit shaped attention to each layer's attention output in one pass of ``model`` over ``windows``."""
     config = model.config
     device = next(model.parameters()).device
@@ -379,8 +462,12 @@ def _fit_hook(probe: ShapedAttention, stats: _FitStatistics) -> Callable[..., No
         query, key = probe.queries_keys(normed, position_embeddings)
         values = probe.heads(normed)
         # The layer's own mask: causal, windowed where the family slides (calibration windows have no padding).
-        visible = visible_keys(None, None, normed.shape[1], 0, sliding_window=probe.config.sliding_window, device=normed.device)
-        soft, centred = attention_branches(query, repeat_kv(key, probe.num_key_value_groups), values, visible, probe.scaling)
+        visible = visible_keys(
+            None, None, normed.shape[1], 0, sliding_window=probe.config.sliding_window, device=normed.device
+        )
+        soft, centred = attention_branches(
+            query, repeat_kv(key, probe.num_key_value_groups), values, visible, probe.scaling
+        )
         stats.add(torch.stack([values, soft, -centred]), probe.heads(output))
 
     return hook
@@ -414,13 +501,17 @@ def trainable_filter(graph: CheckpointGraph, layers: list[int], which: str) -> C
     return lambda name: name.startswith(prefixes)
 
 
-def store_parameters(graph: CheckpointGraph, model: torch.nn.Module, trainable: Callable[[str], bool]) -> None:
+def store_parameters(
+    graph: CheckpointGraph, model: torch.nn.Module, trainable: Callable[[str], bool]
+) -> None:
     """Write the model's trained parameters back into the graph, in each tensor's stored dtype."""
     owners = {name: node for node in graph.nodes() for name in node.tensors}
     for name, param in model.named_parameters():
         if trainable(name) and name in owners:
             old = owners[name].tensors[name]
-            owners[name].tensors[name] = TensorRef.from_tensor(name, param.detach().to("cpu", old.load().dtype).clone())
+            owners[name].tensors[name] = TensorRef.from_tensor(
+                name, param.detach().to("cpu", old.load().dtype).clone()
+            )
 
 
 def healing_plot(heal: dict[str, Any]) -> bytes | None:
@@ -435,7 +526,9 @@ def healing_plot(heal: dict[str, Any]) -> bytes | None:
     history = heal["history"]
     fig, ax = plt.subplots(figsize=(5, 3))
     # Every logged step is a point; markers only while there are few enough to tell apart.
-    ax.plot([h["step"] for h in history], [h["kl"] for h in history], marker="o" if len(history) <= 60 else None)
+    ax.plot(
+        [h["step"] for h in history], [h["kl"] for h in history], marker="o" if len(history) <= 60 else None
+    )
     ax.set_xlabel("healing step")
     ax.set_ylabel("KL(teacher || student)")
     ax.set_title("sas: healing by distillation")

@@ -31,9 +31,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from converter.errors import SlimformerError
-from converter.graph import DROPPED, CheckpointGraph, Node
-from converter.importance import (
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import DROPPED, CheckpointGraph, Node
+from slimformer.passes.base import DryRun, Pass, PassContext, register
+from slimformer.passes.layer_drop.importance import (
     COMPARES,
     METRICS,
     LayerScores,
@@ -43,10 +44,16 @@ from converter.importance import (
     rank_modules,
     score_graph,
 )
-from converter.pipeline import DryRun, Pass, PassContext, register
 
-MODE_ALIASES = {"attn": "attention", "attention": "attention", "mlp": "mlp", "ffn": "mlp",
-                "block": "block", "layer": "block", "joint": "joint"}
+MODE_ALIASES = {
+    "attn": "attention",
+    "attention": "attention",
+    "mlp": "mlp",
+    "ffn": "mlp",
+    "block": "block",
+    "layer": "block",
+    "joint": "joint",
+}
 SPEC_HELP = "write KIND:N or KIND:RATIO with KIND one of attn, mlp, block, joint (e.g. attn:4, joint:0.25)"
 PLOT = "layer_importance.png"
 
@@ -78,8 +85,10 @@ class DropSpec:
                 raise ValueError
             return cls(mode, count=count)
         except ValueError:
-            raise SlimformerError(f"bad amount {amount!r} in --drop {text!r}: need a count >= 0 or a ratio in [0, 1]",
-                                  fix=SPEC_HELP) from None
+            raise SlimformerError(
+                f"bad amount {amount!r} in --drop {text!r}: need a count >= 0 or a ratio in [0, 1]",
+                fix=SPEC_HELP,
+            ) from None
 
     def total(self, graph: CheckpointGraph) -> int:
         """How many modules of this kind the model has (dropped or not)."""
@@ -89,8 +98,12 @@ class DropSpec:
         """How many can still be dropped."""
         kept_attention = sum(b.attention.kept for b in graph.blocks)
         kept_mlp = sum(b.mlp.kept for b in graph.blocks)
-        return {"attention": kept_attention, "mlp": kept_mlp, "joint": kept_attention + kept_mlp,
-                "block": sum(b.attention.kept or b.mlp.kept for b in graph.blocks)}[self.mode]
+        return {
+            "attention": kept_attention,
+            "mlp": kept_mlp,
+            "joint": kept_attention + kept_mlp,
+            "block": sum(b.attention.kept or b.mlp.kept for b in graph.blocks),
+        }[self.mode]
 
     def resolve(self, graph: CheckpointGraph, text: str) -> int:
         """The number of modules to drop (an upper bound with a quality target); checks it exists."""
@@ -112,48 +125,83 @@ class LayerDropConfig:
     """Options of the ``layer_drop`` pass (CLI: ``--drop``, ``--iterative``, ``--max-ppl-increase``, ``--streaming``;
     every key in a pipeline file). The ``help`` metadata is what ``slimformer convert --help`` prints."""
 
-    drop: str | None = field(default=None, metadata={
-        "help": "what to drop: attn:N, mlp:N, block:N or joint:N, N a count or a ratio like 0.25 (--drop)",
-        "default_text": "attn with max_ppl_increase"})
-    iterative: bool = field(default=False, metadata={"help": "re-score the model after each removal (--iterative)"})
-    max_ppl_increase: float | None = field(default=None, metadata={
-        "help": "drop while --eval-ppl perplexity rises at most this many percent (--max-ppl-increase)"})
-    metric: str = field(default="cosine", metadata={
-        "help": "importance: cosine (1 - cos, LLM-Drop) or angular (arccos(cos) / pi)"})
-    compare: str = field(default="residual", metadata={
-        "help": "residual (X before the norm vs X + f(norm X), LLM-Drop) or norm_output (norm X vs f(norm X))"})
-    streaming: bool = field(default=False, metadata={
-        "help": "score one block at a time, one block's weights in memory (--streaming)"})
+    drop: str | None = field(
+        default=None,
+        metadata={
+            "help": "what to drop: attn:N, mlp:N, block:N or joint:N, N a count or a ratio like 0.25 (--drop)",
+            "default_text": "attn with max_ppl_increase",
+        },
+    )
+    iterative: bool = field(
+        default=False, metadata={"help": "re-score the model after each removal (--iterative)"}
+    )
+    max_ppl_increase: float | None = field(
+        default=None,
+        metadata={
+            "help": "drop while --eval-ppl perplexity rises at most this many percent (--max-ppl-increase)"
+        },
+    )
+    metric: str = field(
+        default="cosine",
+        metadata={"help": "importance: cosine (1 - cos, LLM-Drop) or angular (arccos(cos) / pi)"},
+    )
+    compare: str = field(
+        default="residual",
+        metadata={
+            "help": "residual (X before the norm vs X + f(norm X), LLM-Drop) or norm_output (norm X vs f(norm X))"
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "score one block at a time, one block's weights in memory (--streaming)"},
+    )
     batch_size: int = field(default=8, metadata={"help": "calibration windows per scoring forward"})
 
     def __post_init__(self) -> None:
         if self.drop is not None and not isinstance(self.drop, str):
-            raise SlimformerError(f"layer_drop drop={self.drop!r} must be a spec such as attn:2", fix=SPEC_HELP)
+            raise SlimformerError(
+                f"layer_drop drop={self.drop!r} must be a spec such as attn:2", fix=SPEC_HELP
+            )
         for name in ("iterative", "streaming"):
             if not isinstance(getattr(self, name), bool):
-                raise SlimformerError(f"layer_drop {name}={getattr(self, name)!r} must be true or false",
-                                      fix=f"write {name} = true (or false)")
+                raise SlimformerError(
+                    f"layer_drop {name}={getattr(self, name)!r} must be true or false",
+                    fix=f"write {name} = true (or false)",
+                )
         if self.max_ppl_increase is not None and (
             isinstance(self.max_ppl_increase, bool) or not isinstance(self.max_ppl_increase, (int, float))
         ):
-            raise SlimformerError(f"layer_drop max_ppl_increase={self.max_ppl_increase!r} must be a number (percent)",
-                                  fix="give a percentage, e.g. --max-ppl-increase 5")
+            raise SlimformerError(
+                f"layer_drop max_ppl_increase={self.max_ppl_increase!r} must be a number (percent)",
+                fix="give a percentage, e.g. --max-ppl-increase 5",
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
-            raise SlimformerError(f"layer_drop batch_size={self.batch_size!r} must be an integer", fix="e.g. batch_size = 8")
+            raise SlimformerError(
+                f"layer_drop batch_size={self.batch_size!r} must be an integer", fix="e.g. batch_size = 8"
+            )
         if self.drop is None and self.max_ppl_increase is None:
-            raise SlimformerError("layer_drop needs a drop spec or a quality target",
-                                  fix="pass --drop attn:N (or mlp:N, block:N, joint:N) and/or --max-ppl-increase PCT")
+            raise SlimformerError(
+                "layer_drop needs a drop spec or a quality target",
+                fix="pass --drop attn:N (or mlp:N, block:N, joint:N) and/or --max-ppl-increase PCT",
+            )
         if self.drop is not None:
             spec = DropSpec.parse(self.drop)
             if spec.count is None and spec.ratio is None and self.max_ppl_increase is None:
-                raise SlimformerError(f"--drop {self.drop} needs an amount, or a quality target to decide it",
-                                      fix=f"write e.g. --drop {self.drop}:2 or {self.drop}:0.25, or add --max-ppl-increase PCT")
+                raise SlimformerError(
+                    f"--drop {self.drop} needs an amount, or a quality target to decide it",
+                    fix=f"write e.g. --drop {self.drop}:2 or {self.drop}:0.25, or add --max-ppl-increase PCT",
+                )
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
-            raise SlimformerError(f"--max-ppl-increase must be >= 0 (got {self.max_ppl_increase})", fix="give a percentage, e.g. 5")
+            raise SlimformerError(
+                f"--max-ppl-increase must be >= 0 (got {self.max_ppl_increase})",
+                fix="give a percentage, e.g. 5",
+            )
         if self.metric not in METRICS:
             raise SlimformerError(f"unknown metric {self.metric!r}", fix=f"use one of {', '.join(METRICS)}")
         if self.compare not in COMPARES:
-            raise SlimformerError(f"unknown compare {self.compare!r}", fix=f"use one of {', '.join(COMPARES)}")
+            raise SlimformerError(
+                f"unknown compare {self.compare!r}", fix=f"use one of {', '.join(COMPARES)}"
+            )
         if self.batch_size < 1:
             raise SlimformerError(f"batch_size must be >= 1 (got {self.batch_size})", fix="raise batch_size")
 
@@ -162,6 +210,7 @@ def _plan_drop(graph: CheckpointGraph, mode: str, n: int) -> None:
     """Mark ``n`` modules of ``mode`` dropped in a dry-run copy. Which ones depends on scores not yet
     computed, so take those whose loss costs later passes least: MLPs first for ``joint`` (attention is
     what sas and a2sf need), SAS-form attention before standard attention (sas converts standard ones)."""
+
     def order(kind: str) -> list[Node]:
         nodes = [getattr(block, kind) for block in reversed(graph.blocks) if getattr(block, kind).kept]
         return sorted(nodes, key=lambda node: node.details.get("form", "standard") == "standard")
@@ -177,10 +226,14 @@ def _plan_drop(graph: CheckpointGraph, mode: str, n: int) -> None:
         node.state = DROPPED
 
 
-def drop_module(graph: CheckpointGraph, module: ScoredModule, reason: str) -> list[tuple[Node, str, str | None]]:
+def drop_module(
+    graph: CheckpointGraph, module: ScoredModule, reason: str
+) -> list[tuple[Node, str, str | None]]:
     """Mark ``module``'s node(s) (both of a block) DROPPED; returns what :func:`restore` needs to undo it."""
     block = graph.blocks[module.layer]
-    nodes = {"attention": [block.attention], "mlp": [block.mlp], "block": [block.attention, block.mlp]}[module.kind]
+    nodes = {"attention": [block.attention], "mlp": [block.mlp], "block": [block.attention, block.mlp]}[
+        module.kind
+    ]
     saved = []
     for node in nodes:
         if node.kept:
@@ -213,15 +266,26 @@ class LayerDrop(Pass):
             raise SlimformerError(exc.what + dry.after(), where=exc.where, fix=exc.fix) from None
         if cfg.max_ppl_increase is not None:
             if graph.is_encoder:
-                raise SlimformerError("--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
-                                      fix="give a count instead, e.g. --drop attn:2")
+                raise SlimformerError(
+                    "--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
+                    fix="give a count instead, e.g. --drop attn:2",
+                )
             if ctx.evaluation.ppl is None:
-                raise SlimformerError("--max-ppl-increase needs a held-out evaluation source",
-                                      fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)")
+                raise SlimformerError(
+                    "--max-ppl-increase needs a held-out evaluation source",
+                    fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)",
+                )
         if ctx.tokenizer is None:
-            raise SlimformerError("layer_drop scores on calibration text, but the checkpoint has no tokenizer",
-                                  fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint")
-        kinds = {"attention": ["attention"], "mlp": ["mlp"], "block": ["attention", "mlp"], "joint": ["attention", "mlp"]}
+            raise SlimformerError(
+                "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
+                fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
+            )
+        kinds = {
+            "attention": ["attention"],
+            "mlp": ["mlp"],
+            "block": ["attention", "mlp"],
+            "joint": ["attention", "mlp"],
+        }
         if cfg.max_ppl_increase is not None:
             # How many go depends on measured perplexity: up to the limit, maybe none. Leave the copy intact.
             dry.uncertain.update(kinds[spec.mode])
@@ -239,48 +303,77 @@ class LayerDrop(Pass):
         limit = spec.resolve(graph, text)
         if cfg.max_ppl_increase is not None:
             if graph.is_encoder:
-                raise SlimformerError("--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
-                                      fix="give a count instead, e.g. --drop attn:2")
+                raise SlimformerError(
+                    "--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
+                    fix="give a count instead, e.g. --drop attn:2",
+                )
             if ctx.evaluation.ppl is None:
-                raise SlimformerError("--max-ppl-increase needs a held-out evaluation source",
-                                      fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)")
+                raise SlimformerError(
+                    "--max-ppl-increase needs a held-out evaluation source",
+                    fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)",
+                )
         if ctx.tokenizer is None:
-            raise SlimformerError("layer_drop scores on calibration text, but the checkpoint has no tokenizer",
-                                  fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint")
+            raise SlimformerError(
+                "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
+                fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
+            )
 
         self._ctx, self._graph = ctx, graph
         sources = list(ctx.calibration.sources)
         by_source = {source: self._score(source) for source in sources}
         initial = by_source[sources[0]]
         params_before, kv_before = graph.num_params(), graph.kv_bytes_per_token()
-        notes = [f"scored {len(graph.blocks)} layers on {sources[0]}: {initial.n_tokens:,} tokens, "
-                 f"{'angular distance' if cfg.metric == 'angular' else '1 - cos'} ({cfg.compare}), "
-                 f"{initial.mode} mode, {initial.seconds:.2f}s"]
-        notes.append("importance per layer (attention / mlp / block): " + "; ".join(
-            f"{i}: " + " / ".join("-" if v is None else f"{v:.4g}" for v in (a, m, b))
-            for i, (a, m, b) in enumerate(zip(initial.attention, initial.mlp, initial.block))))
-        changes: dict[str, Any] = {"mode": spec.mode, "drop": text, "iterative": cfg.iterative, "metric": cfg.metric,
-                                   "compare": cfg.compare, "calibration": sources[0], "scores": initial.to_dict()}
+        notes = [
+            f"scored {len(graph.blocks)} layers on {sources[0]}: {initial.n_tokens:,} tokens, "
+            f"{'angular distance' if cfg.metric == 'angular' else '1 - cos'} ({cfg.compare}), "
+            f"{initial.mode} mode, {initial.seconds:.2f}s"
+        ]
+        notes.append(
+            "importance per layer (attention / mlp / block): "
+            + "; ".join(
+                f"{i}: " + " / ".join("-" if v is None else f"{v:.4g}" for v in (a, m, b))
+                for i, (a, m, b) in enumerate(zip(initial.attention, initial.mlp, initial.block))
+            )
+        )
+        changes: dict[str, Any] = {
+            "mode": spec.mode,
+            "drop": text,
+            "iterative": cfg.iterative,
+            "metric": cfg.metric,
+            "compare": cfg.compare,
+            "calibration": sources[0],
+            "scores": initial.to_dict(),
+        }
 
         if cfg.max_ppl_increase is None:
             dropped = self._drop_count(spec.mode, limit, initial)
         else:
             dropped, ppl = self._drop_within_target(spec.mode, limit, initial, cfg.max_ppl_increase)
             changes["perplexity"] = ppl
-            notes += [f"step {s['step']}: drop {s['module']} -> perplexity {s['perplexity']:.3f} "
-                      f"({s['increase_pct']:+.2f}%) {'kept' if s['accepted'] else 'over the target, put back'}"
-                      for s in ppl["steps"]]
+            notes += [
+                f"step {s['step']}: drop {s['module']} -> perplexity {s['perplexity']:.3f} "
+                f"({s['increase_pct']:+.2f}%) {'kept' if s['accepted'] else 'over the target, put back'}"
+                for s in ppl["steps"]
+            ]
         changes["dropped"] = dropped
 
         if not dropped:
             notes.append(f"dropped nothing ({spec.mode}, limit {limit})")
         else:
             listing = ", ".join(f"{d['module']} ({d['score']:.4g})" for d in dropped)
-            notes.append(f"dropped {len(dropped)} {spec.mode} module(s){' iteratively' if cfg.iterative else ''}: {listing}")
-        notes.append(f"parameters {params_before:,} -> {graph.num_params():,}; KV cache bytes/token (fp32) "
-                     f"{kv_before:,} -> {graph.kv_bytes_per_token():,}")
-        changes.update(params_before=params_before, params_after=graph.num_params(),
-                       kv_bytes_per_token_before=kv_before, kv_bytes_per_token_after=graph.kv_bytes_per_token())
+            notes.append(
+                f"dropped {len(dropped)} {spec.mode} module(s){' iteratively' if cfg.iterative else ''}: {listing}"
+            )
+        notes.append(
+            f"parameters {params_before:,} -> {graph.num_params():,}; KV cache bytes/token (fp32) "
+            f"{kv_before:,} -> {graph.kv_bytes_per_token():,}"
+        )
+        changes.update(
+            params_before=params_before,
+            params_after=graph.num_params(),
+            kv_bytes_per_token_before=kv_before,
+            kv_bytes_per_token_after=graph.kv_bytes_per_token(),
+        )
 
         warnings = []
         if len(sources) > 1:
@@ -294,33 +387,59 @@ class LayerDrop(Pass):
                 ctx.log(f"[slimformer] WARNING: {warning}")
         changes["warnings"] = warnings
         changes["notes"] = notes + [f"WARNING: {w}" for w in warnings]
-        ctx.artefacts[PLOT] = plot_importance(initial, {d["module"] for d in dropped},
-                                              title=f"{graph.family}, {len(graph.blocks)} layers: {text}")
+        ctx.artefacts[PLOT] = plot_importance(
+            initial,
+            {d["module"] for d in dropped},
+            title=f"{graph.family}, {len(graph.blocks)} layers: {text}",
+        )
         changes["plot"] = PLOT
         return changes
 
     # ---- scoring and dropping -------------------------------------------------------------------------
     def _score(self, source: str) -> LayerScores:
         ctx, cfg = self._ctx, self.config
-        return score_graph(self._graph, ctx.calibration_windows(source), streaming=cfg.streaming, metric=cfg.metric,
-                           compare=cfg.compare, batch_size=cfg.batch_size, device=ctx.device, dtype=ctx.dtype,
-                           progress=ctx.progress, source=source)
+        return score_graph(
+            self._graph,
+            ctx.calibration_windows(source),
+            streaming=cfg.streaming,
+            metric=cfg.metric,
+            compare=cfg.compare,
+            batch_size=cfg.batch_size,
+            device=ctx.device,
+            dtype=ctx.dtype,
+            progress=ctx.progress,
+            source=source,
+        )
 
-    def _next(self, mode: str, step: int, order: list[ScoredModule]) -> tuple[ScoredModule, list[ScoredModule]]:
+    def _next(
+        self, mode: str, step: int, order: list[ScoredModule]
+    ) -> tuple[ScoredModule, list[ScoredModule]]:
         """The next module to drop: from the one-shot order, or from a fresh score of the changed graph."""
         if self.config.iterative and step > 0:
             order = rank_modules(self._score(self._ctx.calibration.sources[0]), mode)
             return order[0], order
         return order[step if not self.config.iterative else 0], order
 
-    def _apply(self, module: ScoredModule, rank: int, of: int, extra: str = "") -> list[tuple[Node, str, str | None]]:
+    def _apply(
+        self, module: ScoredModule, rank: int, of: int, extra: str = ""
+    ) -> list[tuple[Node, str, str | None]]:
         cfg = self.config
         how = "re-scored" if cfg.iterative else "one-shot"
         name = "angular distance" if cfg.metric == "angular" else "importance 1-cos"
-        return drop_module(self._graph, module, f"layer_drop: {module.kind} {name} {module.score:.4g} ({how}, rank {rank} of {of}{extra})")
+        return drop_module(
+            self._graph,
+            module,
+            f"layer_drop: {module.kind} {name} {module.score:.4g} ({how}, rank {rank} of {of}{extra})",
+        )
 
     def _record(self, module: ScoredModule, step: int) -> dict[str, Any]:
-        return {"module": module.label, "kind": module.kind, "layer": module.layer, "score": module.score, "step": step}
+        return {
+            "module": module.label,
+            "kind": module.kind,
+            "layer": module.layer,
+            "score": module.score,
+            "step": step,
+        }
 
     def _drop_count(self, mode: str, n: int, initial: LayerScores) -> list[dict[str, Any]]:
         order = rank_modules(initial, mode)
@@ -332,7 +451,9 @@ class LayerDrop(Pass):
             dropped.append(self._record(module, step + 1))
         return dropped
 
-    def _drop_within_target(self, mode: str, n: int, initial: LayerScores, pct: float) -> tuple[list, dict[str, Any]]:
+    def _drop_within_target(
+        self, mode: str, n: int, initial: LayerScores, pct: float
+    ) -> tuple[list, dict[str, Any]]:
         ctx = self._ctx
         baseline = ctx.perplexity(self._graph)
         target = baseline * (1 + pct / 100)
@@ -344,17 +465,33 @@ class LayerDrop(Pass):
             saved = self._apply(module, rank, len(order), f", perplexity within +{pct:g}%")
             value = ctx.perplexity(self._graph)
             accepted = value <= target
-            steps.append({"step": step + 1, "module": module.label, "score": module.score, "perplexity": value,
-                          "increase_pct": 100 * (value / baseline - 1), "accepted": accepted})
-            ctx.log(f"[slimformer] layer_drop step {step + 1}: {module.label} -> perplexity {value:.3f} "
-                    f"(target {target:.3f}) {'kept' if accepted else 'put back'}")
+            steps.append(
+                {
+                    "step": step + 1,
+                    "module": module.label,
+                    "score": module.score,
+                    "perplexity": value,
+                    "increase_pct": 100 * (value / baseline - 1),
+                    "accepted": accepted,
+                }
+            )
+            ctx.log(
+                f"[slimformer] layer_drop step {step + 1}: {module.label} -> perplexity {value:.3f} "
+                f"(target {target:.3f}) {'kept' if accepted else 'put back'}"
+            )
             if not accepted:
                 restore(saved)
                 break
             dropped.append({**self._record(module, step + 1), "perplexity": value})
         final = dropped[-1]["perplexity"] if dropped else baseline
-        return dropped, {"source": ctx.evaluation.ppl, "baseline": baseline, "target": target,
-                         "max_increase_pct": pct, "final": final, "steps": steps}
+        return dropped, {
+            "source": ctx.evaluation.ppl,
+            "baseline": baseline,
+            "target": target,
+            "max_increase_pct": pct,
+            "final": final,
+            "steps": steps,
+        }
 
 
 # ---- plot ----------------------------------------------------------------------------------------------
@@ -374,8 +511,15 @@ def plot_importance(scores: LayerScores, dropped: set[str], title: str = "") -> 
         positive += [v for _, v in points if v > 0]
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker=marker, color=color, label=kind, linewidth=1.2,
-                    linestyle="--" if kind == "block" else "-")
+            ax.plot(
+                xs,
+                ys,
+                marker=marker,
+                color=color,
+                label=kind,
+                linewidth=1.2,
+                linestyle="--" if kind == "block" else "-",
+            )
         hits = [(layer, v) for layer, v in points if f"{kind}:{layer}" in dropped]
         if hits:
             xs, ys = zip(*hits)

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from converter.graph import Block, CheckpointGraph, Node, TensorRef
-from converter.runtime.sas import IDENTITY, REPARAM, STANDARD
+from slimformer.converter.graph import Block, CheckpointGraph, Node, TensorRef
+from slimformer.converter.runtime.sas import IDENTITY, REPARAM, STANDARD
 
 # Forms whose output is a plain sum of linear maps (no skip), and the form read only by linear maps (no norm).
 SKIPLESS_WRITERS = ("sas_p", "sas_p_nonorm")
@@ -48,7 +47,9 @@ MAX_CONDITION = 1e6  # never invert a worse-conditioned map: float32 weights wou
 @dataclass
 class FoldReport:
     actions: list[dict[str, Any]]  # folds done
-    kept: list[dict[str, Any]]  # reparameterised maps left in place, each with the reason no exact fold applies
+    kept: list[
+        dict[str, Any]
+    ]  # reparameterised maps left in place, each with the reason no exact fold applies
     params_removed: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,9 +73,15 @@ def fold(graph: CheckpointGraph, identity_tol: float) -> FoldReport:
     before = graph.num_params()
     actions = [*_identity_folds(graph, identity_tol), *_graef_folds(graph)]
     kept = [
-        {"layer": block.index, "map": kind, "deviation": _deviation(_map_matrix(block, kind))[0],
-         "reason": _why_kept(graph, block, kind)}
-        for block in graph.blocks for kind in ("value", "proj") if is_reparam(block, kind)
+        {
+            "layer": block.index,
+            "map": kind,
+            "deviation": _deviation(_map_matrix(block, kind))[0],
+            "reason": _why_kept(graph, block, kind),
+        }
+        for block in graph.blocks
+        for kind in ("value", "proj")
+        if is_reparam(block, kind)
     ]
     return FoldReport(actions, kept, before - graph.num_params())
 
@@ -86,7 +93,9 @@ def _deviation(matrix: torch.Tensor) -> tuple[float, float]:
     """``||W - cI|| / ||cI||`` and ``c = trace(W) / n``: how far ``W`` is from a multiple of the identity."""
     scale = float(matrix.diagonal().mean())
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
-    return (float((matrix - scale * eye).norm() / (abs(scale) * eye.norm())) if scale else float("inf")), scale
+    return (
+        float((matrix - scale * eye).norm() / (abs(scale) * eye.norm())) if scale else float("inf")
+    ), scale
 
 
 def _identity_folds(graph: CheckpointGraph, tol: float) -> Iterator[dict[str, Any]]:
@@ -101,8 +110,13 @@ def _identity_folds(graph: CheckpointGraph, tol: float) -> Iterator[dict[str, An
             for gain in ("alpha", "beta", "gamma"):
                 name = _attn(block, f"shaped_{gain}")
                 _put(block.attention, name, _get(block.attention, name) * scale)
-            yield {"layer": block.index, "map": kind, "fold": "identity (scale into the head gains)",
-                   "deviation": deviation, "scale": scale}
+            yield {
+                "layer": block.index,
+                "map": kind,
+                "fold": "identity (scale into the head gains)",
+                "deviation": deviation,
+                "scale": scale,
+            }
 
 
 # ---- 2. Graef folds -------------------------------------------------------------------------------------
@@ -129,10 +143,20 @@ def _graef_folds(graph: CheckpointGraph) -> Iterator[dict[str, Any]]:
             continue
         if cond_v <= cond_p:  # x' = V x: V becomes I, layer i-1's writers absorb V
             _transform_stream(graph, i, value, torch.linalg.inv(value), cleared="value")
-            yield {"layer": i, "map": "value", "fold": f"into layer {i - 1} (projection, MLP down)", "condition": cond_v}
+            yield {
+                "layer": i,
+                "map": "value",
+                "fold": f"into layer {i - 1} (projection, MLP down)",
+                "condition": cond_v,
+            }
         else:  # x' = P^-1 x: P becomes I, layer i's readers absorb P
             _transform_stream(graph, i, torch.linalg.inv(proj), proj, cleared="proj")
-            yield {"layer": i - 1, "map": "proj", "fold": f"into layer {i} (q, k, value, MLP gate/up)", "condition": cond_p}
+            yield {
+                "layer": i - 1,
+                "map": "proj",
+                "fold": f"into layer {i} (q, k, value, MLP gate/up)",
+                "condition": cond_p,
+            }
 
 
 def _stream_is_linear(graph: CheckpointGraph, layer: int) -> bool:
@@ -150,7 +174,11 @@ def _why_kept(graph: CheckpointGraph, block: Block, kind: str) -> str:
         if form(block) != NORMLESS_READER:
             return f"a norm precedes the attention (form {form(block)})"
         if i == 0:
-            return "tied embeddings (the output head reads them too)" if graph.base_config.get("tie_word_embeddings") else "ill-conditioned"
+            return (
+                "tied embeddings (the output head reads them too)"
+                if graph.base_config.get("tie_word_embeddings")
+                else "ill-conditioned"
+            )
         if not _stream_is_linear(graph, i):
             return f"layer {i - 1} ({form(graph.blocks[i - 1])}) adds a skip or norm to its projection"
         if not is_reparam(graph.blocks[i - 1], "proj"):
@@ -167,7 +195,9 @@ def _why_kept(graph: CheckpointGraph, block: Block, kind: str) -> str:
     return "ill-conditioned"
 
 
-def _transform_stream(graph: CheckpointGraph, layer: int, t: torch.Tensor, t_inv: torch.Tensor, *, cleared: str) -> None:
+def _transform_stream(
+    graph: CheckpointGraph, layer: int, t: torch.Tensor, t_inv: torch.Tensor, *, cleared: str
+) -> None:
     """Reparameterise the stream entering ``layer`` as ``x' = T x``: writers ``W -> T W``, readers ``R -> R T^-1``.
 
     ``cleared`` names the map that becomes exactly the identity (layer's value for ``T = V``, the previous
@@ -221,7 +251,9 @@ def _map_matrix(block: Block, kind: str) -> torch.Tensor:
     if block.attention.details.get(kind, IDENTITY) == IDENTITY:
         n = block.attention.tensors[_attn(block, "q_proj.weight")].shape[1]
         return torch.eye(n, dtype=torch.float64)
-    alpha, beta, delta = (_get(block.attention, _attn(block, f"{kind}.{p}")) for p in ("alpha", "beta", "delta"))
+    alpha, beta, delta = (
+        _get(block.attention, _attn(block, f"{kind}.{p}")) for p in ("alpha", "beta", "delta")
+    )
     return alpha * torch.eye(delta.shape[0], dtype=delta.dtype) + beta * delta
 
 
@@ -230,7 +262,11 @@ def _set_map(block: Block, kind: str, matrix: torch.Tensor) -> None:
     scale = matrix.diagonal().mean()
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
     block.attention.details[kind] = REPARAM
-    for part, value in (("alpha", scale.reshape(1)), ("beta", torch.ones(1, dtype=matrix.dtype)), ("delta", matrix - scale * eye)):
+    for part, value in (
+        ("alpha", scale.reshape(1)),
+        ("beta", torch.ones(1, dtype=matrix.dtype)),
+        ("delta", matrix - scale * eye),
+    ):
         _put(block.attention, _attn(block, f"{kind}.{part}"), value)
 
 
@@ -246,8 +282,12 @@ def _set_identity(block: Block, kind: str) -> None:
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     device = next(model.parameters()).device
-    return torch.cat([model(input_ids=windows[i : i + batch_size].to(device), use_cache=False).logits.float().cpu()
-                      for i in range(0, len(windows), batch_size)])
+    return torch.cat(
+        [
+            model(input_ids=windows[i : i + batch_size].to(device), use_cache=False).logits.float().cpu()
+            for i in range(0, len(windows), batch_size)
+        ]
+    )
 
 
 def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
