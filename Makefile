@@ -10,7 +10,7 @@ EXTRAS ?= dev,onnx,gguf
 # One BLAS thread per process: the suite's models are tiny, and on 2 cores threading costs more than it gives.
 PYTEST_ENV = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
-.PHONY: demo setup setup-legacy setup-vllm kernels test test-slow test-legacy test-vllm test-gpu test-all lint format clean
+.PHONY: demo setup setup-legacy setup-vllm setup-browser kernels test test-slow test-legacy test-vllm test-gpu test-all lint format clean
 
 # $(call venv,DIR,CONSTRAINTS): create DIR if needed and install the project into it with those pins.
 # torch first, pinned: the CPU wheel is found locally; an unpinned torch would pull CUDA packages.
@@ -76,6 +76,15 @@ test-all: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Debian's Chromium for the report.html browser test (tests/test_report_html.py skips without it, saying so).
+# Needs root (or password-less sudo); a machine without either keeps the skip.
+setup-browser:
+	@command -v chromium >/dev/null && echo "chromium: $$(command -v chromium)" || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] && echo "" || echo "sudo -n" ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium \
+	  || echo "setup-browser: could not install chromium; the browser test will skip"; }
 
 format: setup
 	$(VENV)/bin/ruff format .

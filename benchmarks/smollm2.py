@@ -61,11 +61,14 @@ def smollm2_dir(cache: Path | None = None) -> Path:
         return out
     gguf = smollm2_gguf(cache)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from slimformer.converter.tokenizer import load_tokenizer
+    from transformers import AutoModelForCausalLM
 
     print(f"[smollm2] dequantising {gguf.name} to float32 (about a minute) ...", file=sys.stderr, flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # slimformer's GGUF tokenizer: transformers' own, with the special tokens the file declares (4.57 gets
+    # EOS and the BOS rule wrong), so the directory tokenises the same under both releases.
+    tokenizer = load_tokenizer(gguf)
     # The loader already dequantised every tensor; what is left is only the quantizer's bookkeeping, which
     # transformers 5 refuses to serialise. Dropping it saves the float32 weights as an ordinary checkpoint.
     model.hf_quantizer = None
@@ -84,19 +87,20 @@ def smollm2_dir(cache: Path | None = None) -> Path:
 def _readable_by_both_releases(directory: Path) -> None:
     """transformers 5 writes ``rope_parameters`` and ``tokenizer_class: TokenizersBackend``; 4.57 reads neither
     (it would silently use RoPE base 10,000 instead of 100,000, and fail to load the tokenizer). Write the
-    fields both releases read; idempotent."""
+    fields both releases read; idempotent. The tokenizer half is the one slimformer's checkpoint writer uses."""
     import json
 
-    config_path, tokenizer_path = directory / "config.json", directory / "tokenizer_config.json"
+    from slimformer.converter.tokenizer import portable_tokenizer_config
+
+    config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     theta = (config.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None and config.get("rope_theta") != theta:
         config["rope_theta"] = theta
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer = json.loads(tokenizer_path.read_text())
-    if tokenizer.get("tokenizer_class") not in (None, "PreTrainedTokenizerFast"):
-        tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
-        tokenizer_path.write_text(json.dumps(tokenizer, indent=2) + "\n")
+    portable_tokenizer_config(
+        directory, generic=True
+    )  # built from the GGUF file: tokenizer.json is all of it
 
 
 def main() -> None:

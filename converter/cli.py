@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,42 @@ PPL_HELP = "Perplexity text source: file, directory, 'stdlib[:valid]' or 'hf:NAM
 DEBUG = {"on": False}  # tracebacks too: SLIMFORMER_DEBUG=1 (read by main()) or --debug
 
 
+def _options(*options: Callable[[Callable], Callable]) -> Callable[[Callable], Callable]:
+    """Several click options as one decorator, listed in --help in the order given."""
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+# The option groups several commands share, defined once so that their names, defaults and wording agree.
+source_safety_options = _options(
+    click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP),
+    click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP),
+)
+
+
+def compute_options(device_note: str = "", dtype_note: str = "") -> Callable[[Callable], Callable]:
+    return _options(
+        click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP + device_note),
+        click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP + dtype_note),
+    )
+
+
+def quiet_option(note: str = "") -> Callable[[Callable], Callable]:
+    return click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + note)
+
+
+def output_options(quiet_note: str = "") -> Callable[[Callable], Callable]:
+    return _options(
+        click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically)."),
+        quiet_option(quiet_note),
+    )
+
+
 def parse_options(text: str, flag: str) -> dict[str, Any]:
     """``"budget=256,alpha=0.5,policy=h2o"`` -> ``{"budget": 256, "alpha": 0.5, "policy": "h2o"}``."""
     options: dict[str, Any] = {}
@@ -57,7 +94,7 @@ class PassOptionsCommand(click.Command):
     config dataclasses when help is asked for (so it cannot drift, and plain runs do not import the passes)."""
 
     FLAGS = {
-        "layer_drop": "--drop KIND:N, --iterative, --max-ppl-increase PCT, --streaming",
+        "layer_drop": "--drop KIND:N, --iterative, --max-ppl-increase PCT, --streaming, --heal-steps N",
         "sas": "--sas key=value,...",
         "a2sf": "--a2sf key=value,...",
     }
@@ -185,23 +222,21 @@ def cli(debug: bool) -> None:
     default=None,
     help="Layer drop: score one block at a time (one block's weights in memory), for models larger than RAM.",
 )
+@click.option(
+    "--heal-steps",
+    type=int,
+    help="Layer drop: then heal by N steps of KL distillation to the model before dropping "
+    "(heal_lr, heal_batch_size, heal_params: 'layer_drop' below, in a pipeline file).",
+)
 @click.option("--sas", help="SAS conversion, e.g. layers=2,heal_steps=200 (every key: 'sas' below).")
 @click.option(
     "--a2sf", help="KV-cache eviction, e.g. budget=256,alpha=0.5,recent=32,sink=4 (every key: 'a2sf' below)."
 )
-@click.option(
-    "--device",
-    default="cpu",
-    show_default=True,
-    help=DEVICE_HELP + " Calibration, evaluation and healing run there.",
-)
-@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
+@compute_options(device_note=" Calibration, evaluation and healing run there.")
 @click.option("--save-dtype", help="Precision of the written weights (default: unchanged).")
 @click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s before and after.")
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
-@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " (The summary still prints.)")
+@source_safety_options
+@output_options(quiet_note=" (The summary still prints.)")
 def convert(
     source: str,
     out: Path,
@@ -217,6 +252,7 @@ def convert(
     iterative: bool | None,
     max_ppl_increase: float | None,
     streaming: bool | None,
+    heal_steps: int | None,
     sas: str | None,
     a2sf: str | None,
     device: str,
@@ -270,13 +306,19 @@ def convert(
             "--streaming applies to layer-drop scoring, and no layer drop was asked for",
             fix="add --drop attn:N (or mlp:N, block:N, joint:N, or --max-ppl-increase PCT)",
         )
+    if heal_steps is not None and not drop and max_ppl_increase is None:
+        raise SlimformerError(
+            "--heal-steps heals after a layer drop, and no layer drop was asked for",
+            fix="add --drop attn:N (or mlp:N, block:N, joint:N, or --max-ppl-increase PCT)",
+        )
     if drop or iterative or max_ppl_increase is not None:
         params: dict[str, Any] = {"drop": drop} if drop else {}
         for flag, value in (("iterative", iterative), ("streaming", streaming)):
             if value:
                 params[flag] = True
-        if max_ppl_increase is not None:
-            params["max_ppl_increase"] = max_ppl_increase
+        for key, number in (("max_ppl_increase", max_ppl_increase), ("heal_steps", heal_steps)):
+            if number is not None:
+                params[key] = number
         spec.passes.append(PassSpec("layer_drop", params))
     if sas:
         spec.passes.append(PassSpec("sas", parse_options(sas, "--sas")))
@@ -299,23 +341,37 @@ def convert(
 @cli.command(context_settings=CONTEXT)
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the raw report.json instead.")
-def report(directory: Path, as_json: bool) -> None:
+@click.option("--html", "as_html", is_flag=True, help="Print the path of report.html (written if missing).")
+@click.option("--open", "open_html", is_flag=True, help="Open report.html in the default browser.")
+def report(directory: Path, as_json: bool, as_html: bool, open_html: bool) -> None:
     """Print a readable summary of a converted DIRECTORY.
 
     \b
-    Example:
+    Examples:
       slimformer report out
+      slimformer report out --open     # report.html: tables, plots, the pipeline, in a browser
     """
     from .report import load_report, render_terminal
 
     data = load_report(directory)
+    if as_html or open_html:
+        from .report_html import REPORT_HTML, write_html
+
+        # Outputs from before report.html existed get one now, from their report.json.
+        page = directory / REPORT_HTML if (directory / REPORT_HTML).is_file() else write_html(data, directory)
+        click.echo(str(page.resolve()))
+        if open_html:
+            import webbrowser
+
+            if not webbrowser.open(page.resolve().as_uri()):
+                click.echo("no browser found here: open the path above on a machine with one", err=True)
+        return
     click.echo(json.dumps(data, indent=2) if as_json else render_terminal(data))
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("source")
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
+@source_safety_options
 def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Print the checkpoint graph of SOURCE (original or converted): nodes, states, tensors, parameters.
 
@@ -369,11 +425,9 @@ def inspect(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write the scores as JSON to this file."
 )
-@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
-@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@compute_options()
+@source_safety_options
+@quiet_option()
 def score(
     source: str,
     calib: tuple[str, ...],
@@ -407,7 +461,7 @@ def score(
     from slimformer.passes.layer_drop.importance import format_table, rank_modules, score_graph
 
     from .calibration import sample_windows
-    from .conversion import check_device, parse_dtype
+    from .devices import check_device, parse_dtype
     from .graph import load_graph
     from .source import resolve_source
     from .tokenizer import load_tokenizer
@@ -580,11 +634,9 @@ def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bo
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file."
 )
-@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP)
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
-@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
+@compute_options()
+@source_safety_options
+@quiet_option()
 def eval_command(
     ckpt: str,
     ppl_source: str,
@@ -748,10 +800,8 @@ def _active_policy(model: Any, ckpt: str) -> Any:
     show_default=True,
     help="torch: a converted (or original) checkpoint; onnx: a directory from `slimformer export onnx`.",
 )
-@click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", default="float32", show_default=True, help=DTYPE_HELP + " (--runtime torch)")
-@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
-@click.option("--trust-remote-code", is_flag=True, help=REMOTE_CODE_HELP)
+@compute_options(dtype_note=" (--runtime torch)")
+@source_safety_options
 @click.option(
     "--cache-kernel",
     type=click.Choice(["auto", "native", "function"]),
@@ -858,8 +908,7 @@ def export() -> None:
 @click.option(
     "--no-validate", is_flag=True, help="Skip comparing ONNX Runtime with the PyTorch runtime after export."
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
-@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP + " (The result line still prints.)")
+@output_options(quiet_note=" (The result line still prints.)")
 def export_onnx(
     ckpt: str,
     out: Path,
@@ -916,8 +965,7 @@ def export_onnx(
     help="Zero-pad attention heads to this size (same function, more KV cache): "
     "for head sizes vLLM's CPU kernels lack (they have 32, 64, 80, 96, 112, 128, ...).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (atomically).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output (warnings still go to stderr).")
+@output_options(quiet_note=" (The result line still prints.)")
 def export_vllm(ckpt: str, out: Path, pad_head_dim: int | None, overwrite: bool, quiet: bool) -> None:
     """Export CKPT to a Nemotron-NAS (DeciLMForCausalLM) directory OUT that vLLM serves.
 

@@ -19,30 +19,14 @@ from typing import Any
 
 import torch
 
+from .devices import check_device, parse_dtype
 from .errors import SlimformerError
 from .graph import CheckpointGraph, load_graph
 from .pipeline import DEFAULT_CALIBRATION, PassContext, PipelineSpec, build_passes, run_pipeline
-from .report import versions, write_report
+from .report import REPORT_FORMAT, versions, write_report
+from .report_html import write_html
 from .source import resolve_source
 from .tokenizer import load_tokenizer
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise SlimformerError(f"unknown dtype {name!r}", fix=f"use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def check_device(device: str) -> str:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimformerError(
-            f"device {device!r} requested but CUDA is not available", fix="use --device cpu"
-        )
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise SlimformerError(f"unknown device {device!r}", fix="use cpu, cuda or cuda:N")
-    return device
 
 
 @dataclass
@@ -180,7 +164,7 @@ def convert(
     if speed is not None:
         speed["after"] = _speed(graph, ctx)
     report = {
-        "format": 1,
+        "format": REPORT_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "output": str(out),
         "notes": notes,
@@ -190,7 +174,7 @@ def convert(
             "family": graph.family,
             "hub": src.is_hub,
             "num_layers": len(graph.blocks),
-            "weight_format": src.weight_format,
+            **src.format_record,  # weight_format; for GGUF also the quantisation (e.g. Q4_1)
         },
         "versions": versions(),
         "pipeline": spec.to_dict(),
@@ -214,6 +198,7 @@ def convert(
             (tmp / name).write_bytes(content)
         report["duration_s"] = round(time.perf_counter() - started, 3)
         write_report(report, tmp)
+        write_html(report, tmp)
     log(f"[slimformer] wrote {out} ({written['bytes'] / 1e6:.1f} MB in {written['shards']} file(s))")
     return report
 

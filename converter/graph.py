@@ -21,7 +21,7 @@ from .architectures import ATTENTION, EMBEDDINGS, FINAL_NORM, HEAD, MLP, Archite
 from .environment import check_checkpoint_format
 from .errors import SlimformerError
 from .runtime.configuration_slimformer import SlimformerConfig, default_block_config
-from .source import CheckpointSource
+from .source import CheckpointSource, GGUFFile, GGUFTensor
 
 KEPT, DROPPED, REPLACED = "kept", "dropped", "replaced"
 
@@ -175,6 +175,37 @@ class CheckpointGraph:
             for b in self.blocks
         ]
 
+    def invariant_problems(self, *, tensors: bool = True) -> list[str]:
+        """What makes the graph inconsistent, in words (empty when it is sound). Checked after every pass:
+
+        * the KV-cache policy is valid for the cache slots the graph has (one per layer keeping attention;
+          per-slot ``layer_budgets`` must match them), and exactly those layers carry a slot summary;
+        * with ``tensors``, the kept nodes hold exactly the tensors the runtime model of this structure loads.
+        """
+        problems = []
+        slots = [block for block in self.blocks if block.attention.kept]
+        if self.kv_cache is not None:
+            from .runtime.kv_cache import CachePolicy
+
+            try:
+                CachePolicy.from_dict(self.kv_cache).validate(num_slots=len(slots))
+            except ValueError as exc:
+                problems.append(f"the KV-cache policy does not fit the {len(slots)} cache slot(s): {exc}")
+        for block in self.blocks:
+            if block.cache_policy is not None and not block.attention.kept:
+                problems.append(f"layer {block.index} has no attention but still carries a KV-cache slot")
+            elif block.cache_policy is None and block.attention.kept and self.kv_cache is not None:
+                problems.append(f"layer {block.index} keeps attention but has no KV-cache slot")
+        if tensors:
+            missing, unexpected = _tensor_mismatch(self)
+            if missing:
+                problems.append(f"{len(missing)} tensor(s) the model needs are missing, e.g. {missing[:3]}")
+            if unexpected:
+                problems.append(
+                    f"{len(unexpected)} kept tensor(s) belong to no module, e.g. {unexpected[:3]}"
+                )
+        return problems
+
     def describe(self) -> str:
         """A readable listing of the graph: each node, its state, tensor count and parameters."""
         lines = [
@@ -322,7 +353,33 @@ def load_graph(source: CheckpointSource) -> CheckpointGraph:
     return graph
 
 
+@dataclass
+class GGUFTensorRef(TensorRef):
+    """A tensor of a GGUF file: dequantised to float32 each time it is loaded, as a safetensors reference is
+    read from its memory map each time, so that a streaming pass holds one block of weights, not the model."""
+
+    gguf: GGUFFile | None = field(default=None, repr=False, compare=False)
+    gguf_tensor: GGUFTensor | None = field(default=None, repr=False, compare=False)
+
+    def load(self) -> torch.Tensor:
+        if self.value is not None:
+            return self.value
+        return self.gguf.dequantize(self.gguf_tensor)
+
+
 def _iter_source_tensors(source: CheckpointSource) -> Iterator[TensorRef]:
+    if source.gguf is not None:
+        for tensor in source.gguf.tensors:
+            yield GGUFTensorRef(
+                tensor.name,
+                tensor.shape,
+                "torch.float32",  # what load() returns, whatever the quantisation in the file
+                file=source.gguf.path,
+                source_name=tensor.name,
+                gguf=source.gguf,
+                gguf_tensor=tensor,
+            )
+        return
     if source.weight_format == "pickle":
         for file in source.weight_files:
             try:
@@ -350,7 +407,9 @@ def _iter_source_tensors(source: CheckpointSource) -> Iterator[TensorRef]:
             ) from exc
 
 
-def _check_complete(graph: CheckpointGraph) -> None:
+def _tensor_mismatch(graph: CheckpointGraph) -> tuple[list[str], list[str]]:
+    """(missing, unexpected): the tensors the runtime model of the graph's current structure needs that no
+    kept node holds, and those kept nodes hold that it would not load. Built on the meta device: no weights."""
     config = graph.runtime_config()
     if graph.is_encoder:
         from .runtime.modeling_slimformer import SlimformerEncoderModel as model_class
@@ -363,8 +422,15 @@ def _check_complete(graph: CheckpointGraph) -> None:
     if not graph.is_encoder and config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         present.discard("lm_head.weight")
+    buffers = _buffer_names(model)
+    return sorted(expected - present - buffers), sorted(present - expected - buffers)
+
+
+def _check_complete(graph: CheckpointGraph) -> None:
+    if not graph.is_encoder and graph.runtime_config().tie_word_embeddings:
         graph.head.tensors.pop("lm_head.weight", None)
-    missing = sorted(expected - present - _buffer_names(model))
+    missing, _ = _tensor_mismatch(graph)
+    present = list(graph.kept_tensors())
     if missing:
         raise SlimformerError(
             f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[:3]}",

@@ -53,6 +53,8 @@ from slimformer.passes.base import (  # noqa: F401 (the contract, re-exported fo
     EvaluationSpec,
     Pass,
     PassContext,
+    PassResult,
+    ReportRow,
     canonical_key,
     option_rows,
     register,
@@ -69,6 +71,8 @@ PASS_MODULES = (
 )
 
 PASS_ENTRY_POINTS = "slimformer.passes"
+# Version of the pipeline file: 1 had no version field; 2 writes `format = 2` (same sections otherwise).
+PIPELINE_FORMAT = 2
 
 
 def available_passes() -> dict[str, type[Pass]]:
@@ -146,7 +150,14 @@ class PipelineSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "pipeline") -> PipelineSpec:
-        unknown = set(data) - {"passes", "calibration", "evaluation", "data"}
+        written = data.get("format", 1)
+        if not isinstance(written, int) or written > PIPELINE_FORMAT:
+            raise SlimformerError(
+                f"pipeline format {written!r} is newer than this slimformer reads ({PIPELINE_FORMAT})",
+                where=where,
+                fix="upgrade slimformer, or write the pipeline for this release",
+            )
+        unknown = set(data) - {"format", "passes", "calibration", "evaluation", "data"}
         if unknown:
             raise SlimformerError(
                 f"unknown pipeline section(s) {sorted(unknown)}",
@@ -182,6 +193,7 @@ class PipelineSpec:
     def to_dict(self) -> dict[str, Any]:
         evaluation = {k: v for k, v in dataclasses.asdict(self.evaluation).items() if v is not None}
         data = {
+            "format": PIPELINE_FORMAT,
             "calibration": dataclasses.asdict(self.calibration),
             "evaluation": evaluation,
             "passes": [{"name": p.name, **p.params} for p in self.passes],
@@ -195,6 +207,7 @@ class PipelineSpec:
         lines = [
             "# slimformer pipeline: replay with `slimformer convert SOURCE -o OUT --pipeline pipeline.toml`",
             "# (from any directory: local data paths are absolute, and [data] holds their content hashes)",
+            f"format = {data['format']}",
         ]
         for section in ("calibration", "evaluation"):
             lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
@@ -280,6 +293,12 @@ def dry_run(graph: CheckpointGraph, passes: list[Pass], ctx: PassContext) -> Dry
     dry = DryRun(structural_copy(graph), ctx)
     for p in passes:
         p.check(dry)
+        # Tensors are not touched in a dry run (a drop keeps its references), so only the cache and its slots
+        # are checked, and only while the structure is known (a quality target decides drops at run time).
+        if not dry.uncertain:
+            _require_invariants(
+                dry.graph, f"pass {p.name} (checked before any work{dry.after()})", tensors=False
+            )
     return dry
 
 
@@ -295,15 +314,29 @@ def build_passes(spec: PipelineSpec) -> list[Pass]:
 
 
 def run_pipeline(graph: CheckpointGraph, passes: list[Pass], ctx: PassContext) -> list[dict[str, Any]]:
-    """Run ``passes`` in order over ``graph``; returns one report record per pass."""
+    """Run ``passes`` in order over ``graph``; returns one report record per pass. After every pass the
+    graph's invariants are checked, so a pass that leaves it inconsistent is named at once, not at model build."""
     records = []
     for p in passes:
         ctx.log(f"[slimformer] pass {p.name} ...")
         start = time.perf_counter()
-        changes = p.run(graph, ctx)
+        result = p.run(graph, ctx)
         duration = time.perf_counter() - start
+        if not isinstance(result, PassResult):
+            raise TypeError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult")
+        _require_invariants(graph, f"pass {p.name}")
         ctx.log(f"[slimformer] pass {p.name} done in {duration:.1f}s")
         records.append(
-            {"name": p.name, "params": p.params(), "duration_s": round(duration, 3), "changes": changes}
+            {"name": p.name, "params": p.params(), "duration_s": round(duration, 3), **result.to_record()}
         )
     return records
+
+
+def _require_invariants(graph: CheckpointGraph, after: str, *, tensors: bool = True) -> None:
+    problems = graph.invariant_problems(tensors=tensors)
+    if problems:
+        raise SlimformerError(
+            f"{after} left the checkpoint graph invalid: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+            fix="run the passes in another order (layer_drop and sas before a2sf), or report this as a bug in the pass",
+        )

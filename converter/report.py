@@ -1,5 +1,5 @@
-"""The pass report: ``report.json`` (machine-readable), ``report.md`` + ``layers.png`` (for people), and
-a terminal summary (``slimformer report OUT``).
+"""The pass report: ``report.json`` (machine-readable), ``report.md`` + ``layers.png`` and ``report.html``
+(for people; :mod:`.report_html`), and a terminal summary (``slimformer report OUT``).
 
 The JSON is the source of truth; the Markdown and the terminal view are rendered from it, so a report
 from an older run renders the same way.
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 REPORT_JSON, REPORT_MD, LAYERS_PNG = "report.json", "report.md", "layers.png"
+# Version of report.json: 1 kept a pass's notes inside its "changes"; 2 has notes, rows, tables and
+# warnings beside them (PassResult). Both render.
+REPORT_FORMAT = 2
 
 
 def versions() -> dict[str, str]:
@@ -72,38 +75,47 @@ def _ratio(before: float, after: float) -> str:
     return f"{100.0 * (after - before) / before:+.1f}%"
 
 
-def _title(report: dict[str, Any]) -> str:
+def title(report: dict[str, Any]) -> str:
     """What the report is about: the output it describes, and where that came from."""
     source = report["source"]["spec"]
     output = report.get("output")  # reports written before 0.2.1 name only the source
     return f"{output} (converted from {source})" if output else source
 
 
-def eviction_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The a2sf pass's perplexity under eviction: a different measurement from the weights' before/after
-    (prompt prefilled, continuation decoded through the cache), so it gets its own table and columns."""
-    rows = []
-    for record in report.get("passes", []):
-        evicted = (record.get("changes") or {}).get("eviction_perplexity")
-        if evicted and evicted.get("full_cache_perplexity") is not None:
-            rows.append(evicted)
-    return rows
+def pass_notes(record: dict[str, Any]) -> list[str]:
+    """A pass record's notes (reports before 0.3 kept them inside ``changes``)."""
+    return record.get("notes", (record.get("changes") or {}).get("notes", []))
 
 
-def _eviction_label(evicted: dict[str, Any]) -> str:
-    return (
-        f"perplexity on {evicted.get('source')}, {evicted.get('n_windows')} window(s) of {evicted.get('prompt_len')} "
-        f"prompt + {evicted.get('continuation')} decoded tokens"
-    )
+def measured_rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(pass name, row)`` for every before/after number a pass measured (its ``PassResult.rows``)."""
+    return [(record["name"], row) for record in report.get("passes", []) for row in record.get("rows", [])]
 
 
-def _eviction_change(evicted: dict[str, Any]) -> str:
-    change = f"{evicted['increase_pct']:+.1f}%"
-    if evicted["increase_pct"] < 0:
+def format_change(row: dict[str, Any]) -> str:
+    change = row.get("change_pct")
+    if change is None:
+        return "n/a"
+    text = f"{change:+.1f}%"
+    if change < 0 and row.get("before_label") == "full cache":
         # Seen on stories260K: a model hurt by its own long context scores better with less of it. That is
         # a fact about the model, not a gain from eviction; say so next to the number.
-        change += " (the evicting cache scored better: the model uses its long context poorly)"
-    return change
+        text += " (the evicting cache scored better: the model uses its long context poorly)"
+    return text
+
+
+def format_value(row: dict[str, Any], key: str) -> str:
+    """``full cache 55.400`` where the column needs its own name, else the number."""
+    value = row.get(key)
+    label = row.get(f"{key}_label", key)
+    number = "n/a" if value is None else f"{value:.3f}"
+    return number if label == key else f"{label} {number}"
+
+
+def _cell_text(cell: Any) -> str:
+    if cell is None:
+        return "-"
+    return f"{cell:.4g}" if isinstance(cell, float) else str(cell)
 
 
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -137,7 +149,7 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _describe_cache(policy: dict[str, Any]) -> str:
+def describe_cache(policy: dict[str, Any]) -> str:
     """One cell's worth of a cache slot's policy, e.g. ``KV a2sf: 64 tokens (sink 0, recent 48), alpha 0.9``."""
     if "budget_ratio" in policy:
         size = f"{policy['budget_ratio']:.0%} of the prompt"
@@ -149,20 +161,22 @@ def _describe_cache(policy: dict[str, Any]) -> str:
         if key in policy
     ]
     text = f"KV {policy.get('policy')}: {size}" + (f" ({', '.join(parts)})" if parts else "")
-    return text + (f", alpha {policy['alpha']}" if "alpha" in policy else "")
+    text += f", alpha {policy['alpha']}" if "alpha" in policy else ""
+    # A ratio budget resolves per prompt: the slot summary says what that means in tokens.
+    return text + (f"; {policy['kept']}" if "kept" in policy else "")
 
 
-def _layer_notes(layer: dict[str, Any]) -> list[str]:
+def layer_notes(layer: dict[str, Any]) -> list[str]:
     notes = [str(layer[key]) for key in ("attention_reason", "mlp_reason") if key in layer]
     if "attention_form" in layer:
         notes.append(f"attention form {layer['attention_form']}")
     if "cache_policy" in layer:
-        notes.append(_describe_cache(layer["cache_policy"]))
+        notes.append(describe_cache(layer["cache_policy"]))
     return notes
 
 
 def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> str:
-    lines = [f"# slimformer report: {_title(report)}", ""]
+    lines = [f"# slimformer report: {title(report)}", ""]
     lines += [
         f"Family **{report['source']['family']}**, {report['source']['num_layers']} layers. "
         f"Output written {report.get('created', '')}.",
@@ -171,20 +185,19 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
     lines += [f"- {note}" for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
     lines += ["| | before | after | change |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in headline_rows(report)]
-    evictions = eviction_rows(report)
-    if evictions:
+    measured = measured_rows(report)
+    if measured:
         lines += [
             "",
-            "KV-cache eviction, decode protocol (the prompt is prefilled and evicted to the budget, the "
-            "continuation is decoded through the cache and scored):",
+            "Measured by the passes:",
             "",
-            "| | full cache | evicting cache | change from eviction |",
-            "|---|---:|---:|---:|",
+            "| pass | what | settings | before | after | change |",
+            "|---|---|---|---:|---:|---:|",
         ]
         lines += [
-            f"| {_eviction_label(e)} | {e['full_cache_perplexity']:.3f} | {e['perplexity']:.3f} | "
-            f"{_eviction_change(e)} |"
-            for e in evictions
+            f"| {name} | {row['what']} | {row.get('settings', '')} | {format_value(row, 'before')} | "
+            f"{format_value(row, 'after')} | {format_change(row)} |"
+            for name, row in measured
         ]
     lines += ["", "## Passes", ""]
     if not report["passes"]:
@@ -193,12 +206,23 @@ def render_markdown(report: dict[str, Any], plots: list[str] | None = None) -> s
         params = ", ".join(f"{k}={v}" for k, v in record["params"].items()) or "defaults"
         lines.append(f"### {record['name']} ({params}) -- {record['duration_s']:.2f} s")
         lines.append("")
-        for note in record.get("changes", {}).get("notes", []):
+        for note in pass_notes(record):
             lines.append(f"- {note}")
+        for warning in record.get("warnings", []):
+            lines.append(f"- **warning:** {warning}")
+        for table in record.get("tables", []):
+            lines += [
+                "",
+                f"{table['title']}:",
+                "",
+                "| " + " | ".join(table["columns"]) + " |",
+                "|" + "---|" * len(table["columns"]),
+            ]
+            lines += ["| " + " | ".join(_cell_text(cell) for cell in row) + " |" for row in table["rows"]]
         lines.append("")
     lines += ["## Layers", "", "| layer | attention | MLP | notes |", "|---:|---|---|---|"]
     for layer in report["layers"]:
-        notes = "; ".join(_layer_notes(layer))
+        notes = "; ".join(layer_notes(layer))
         lines.append(f"| {layer['layer']} | {layer['attention']} | {layer['mlp']} | {notes} |")
     for plot in plots or []:
         lines += ["", f"![{plot}]({plot})"]
@@ -218,7 +242,7 @@ def render_terminal(report: dict[str, Any]) -> str:
     rows = headline_rows(report)
     width = max(len(row[0]) for row in rows)
     out = [
-        f"slimformer report -- {_title(report)} ({report['source']['family']}, "
+        f"slimformer report -- {title(report)} ({report['source']['family']}, "
         f"{report['source']['num_layers']} layers)",
         "",
     ]
@@ -226,19 +250,19 @@ def render_terminal(report: dict[str, Any]) -> str:
     out.append(f"{'':<{width}} {'before':>14} {'after':>14} {'change':>9}")
     for name, before, after, change in rows:
         out.append(f"{name:<{width}} {before:>14} {after:>14} {change:>9}")
-    for evicted in eviction_rows(report):
+    for name, row in measured_rows(report):
         out += [
             "",
-            f"KV-cache eviction, decode protocol: {_eviction_label(evicted)}",
-            f"  full cache {evicted['full_cache_perplexity']:.3f}, evicting cache {evicted['perplexity']:.3f}, "
-            f"change from eviction {_eviction_change(evicted)}",
+            f"{name}: {row['what']} ({row.get('settings', '')})",
+            f"  {format_value(row, 'before')} -> {format_value(row, 'after')} ({format_change(row)})",
         ]
     out.append("")
     if report["passes"]:
         for record in report["passes"]:
             params = ", ".join(f"{k}={v}" for k, v in record["params"].items())
             out.append(f"pass {record['name']} ({params}) {record['duration_s']:.2f}s")
-            out += [f"  - {note}" for note in record.get("changes", {}).get("notes", [])]
+            out += [f"  - {note}" for note in pass_notes(record)]
+            out += [f"  - warning: {warning}" for warning in record.get("warnings", [])]
     else:
         out.append("identity pipeline (no passes)")
     out.append("")
@@ -256,9 +280,8 @@ def render_summary(report: dict[str, Any]) -> str:
         f"  {name}: {before} -> {after} ({change})" for name, before, after, change in headline_rows(report)
     ]
     lines += [
-        f"  KV-cache eviction ({_eviction_label(e)}): full cache {e['full_cache_perplexity']:.3f} -> evicting "
-        f"cache {e['perplexity']:.3f} ({_eviction_change(e)})"
-        for e in eviction_rows(report)
+        f"  {name}: {row['what']}: {format_value(row, 'before')} -> {format_value(row, 'after')} ({format_change(row)})"
+        for name, row in measured_rows(report)
     ]
     lines += [f"  note: {note}" for note in report.get("notes", [])]
     lines.append(

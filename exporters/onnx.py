@@ -160,10 +160,10 @@ class EvictingTracedSlot(TracedSlot):
 class TracedCache:
     """The runtime's cache contract (``kv_cache.py``) over graph inputs, for tracing.
 
-    ``update`` appends the step's keys and values. With the cache op, ``observe`` -- called by the runtime's
-    attention after it attended, as ``EvictingLayer.observe`` is -- computes the step's probabilities (float32,
-    the attention's own bias) and replaces the slot's tensors with the outputs of an
-    ``ai.slimformer::A2SFCacheUpdate`` node.
+    ``update`` appends the step's keys and values. With the cache op, the attention computes its float32
+    probabilities explicitly (``wants_probabilities``) and hands them to ``observe`` -- called after it
+    attended, as ``EvictingLayer.observe`` is -- which replaces the slot's tensors with the outputs of an
+    ``ai.slimformer::A2SFCacheUpdate`` node fed with those same probabilities.
     """
 
     def __init__(
@@ -178,6 +178,7 @@ class TracedCache:
         self.layers = [slot_class(parts) for parts in past]
         self.alpha, self.limits = alpha, limits
         self.new_valid: dict[int, torch.Tensor] = {}
+        self.evicting = evicting
         if evicting:
             self.observe = self._observe  # the runtime calls observe() only on caches that have it
 
@@ -196,13 +197,27 @@ class TracedCache:
         layer.values = torch.cat([layer.values, value], dim=2)
         return layer.keys, layer.values
 
-    def _observe(self, slot: int, query: torch.Tensor, bias: torch.Tensor | None, scaling: float) -> None:
+    def wants_probabilities(self, slot: int, q_len: int) -> bool:
+        """With the cache op, the attention hands over its own float32 softmax: one ``Q K^T`` and one softmax
+        per layer in the exported graph serve the attention and the op alike (recomputing them for the op
+        cost about 34 extra nodes per layer, more than the native kernel saved at short contexts)."""
+        return self.evicting
+
+    def _observe(
+        self,
+        slot: int,
+        query: torch.Tensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+        probs: torch.Tensor | None = None,
+    ) -> None:
         layer = self.layers[slot]
-        # The runtime's own helper (converter/runtime/masks.py), ungrouped to the op's [B, H, q, P].
-        batch, heads, q_len, _ = query.shape
-        probs = grouped_probabilities(query, layer.keys, bias, scaling).reshape(
-            batch, heads, q_len, layer.keys.shape[2]
-        )
+        if probs is None:
+            # The runtime's own helper (converter/runtime/masks.py), ungrouped to the op's [B, H, q, P].
+            batch, heads, q_len, _ = query.shape
+            probs = grouped_probabilities(query, layer.keys, bias, scaling).reshape(
+                batch, heads, q_len, layer.keys.shape[2]
+            )
         layer.keys, layer.values, layer.scores = onnx_cache_op.A2SFCacheUpdate.apply(
             layer.keys, layer.values, layer.scores, probs, self.new_valid[slot], self.alpha, self.limits[slot]
         )

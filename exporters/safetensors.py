@@ -2,7 +2,8 @@
 
 The directory holds ``config.json`` (base config + ``block_configs`` + ``kv_cache`` + ``auto_map``),
 the kept tensors only (sharded with an index above ``max_shard_bytes``), the tokenizer and generation
-config of the source, and the runtime files, so that
+config of the source (a GGUF source's tokenizer saved as tokenizer files; ``tokenizer_config.json``
+readable by transformers 4.57 and 5), and the runtime files, so that
 ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` works with plain transformers.
 
 Everything is written into a temporary sibling directory that is renamed into place only when complete
@@ -22,6 +23,8 @@ from slimformer.converter import __version__, runtime
 from slimformer.converter.environment import CHECKPOINT_FORMAT
 from slimformer.converter.graph import CheckpointGraph
 from slimformer.converter.runtime import RUNTIME_FILES
+from slimformer.converter.source import CheckpointSource
+from slimformer.converter.tokenizer import load_tokenizer, portable_tokenizer_config
 
 RUNTIME_DIR = Path(runtime.__file__).resolve().parent
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
@@ -50,9 +53,21 @@ def write_checkpoint(
     (directory / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
     for name in RUNTIME_FILES:
         shutil.copyfile(RUNTIME_DIR / name, directory / name)
-    for file in graph.source.tokenizer_files + graph.source.carried_files:
-        shutil.copyfile(file, directory / file.name)
+    write_tokenizer_files(graph.source, directory)
     return write_tensors(graph, directory, dtype, max_shard_bytes)
+
+
+def write_tokenizer_files(source: CheckpointSource, directory: Path) -> None:
+    """The source's tokenizer and carried files (generation config) in ``directory``, loadable by
+    transformers 4.57 and 5 alike; for a GGUF source the tokenizer in its metadata, saved as files."""
+    for file in source.tokenizer_files + source.carried_files:
+        shutil.copyfile(file, directory / file.name)
+    if source.gguf is not None:
+        # The tokenizer lives in the GGUF metadata: write it out as real tokenizer files (tokenizer.json,
+        # tokenizer_config.json, chat template) that any transformers load of the directory reads.
+        load_tokenizer(source.path).save_pretrained(str(directory))
+    # Copied or saved under transformers 5, tokenizer_config.json may name a class 4.57 lacks.
+    portable_tokenizer_config(directory, generic=source.gguf is not None)
 
 
 def write_tensors(

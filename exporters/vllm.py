@@ -45,7 +45,7 @@ from slimformer.converter.graph import KEPT, Block, CheckpointGraph, TensorRef, 
 from slimformer.converter.outputs import atomic_output_dir, check_output_location
 from slimformer.converter.source import resolve_source
 
-from .safetensors import DEFAULT_MAX_SHARD_BYTES, write_tensors
+from .safetensors import DEFAULT_MAX_SHARD_BYTES, write_tensors, write_tokenizer_files
 
 __all__ = ["ARCHITECTURE", "CONFIG_FILE", "METADATA_FILE", "MODEL_TYPE", "export_vllm", "vllm_config"]
 
@@ -128,8 +128,7 @@ def export_vllm(
             print(f"[slimformer] writing the vLLM export of {source.path} ...", file=sys.stderr)
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(CONFIG_SOURCE, directory / CONFIG_FILE)
-        for file in source.tokenizer_files + source.carried_files:
-            shutil.copyfile(file, directory / file.name)
+        write_tokenizer_files(source, directory)
         metadata["weights"] = write_tensors(graph, directory, None, max_shard_bytes)
         (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata

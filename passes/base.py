@@ -39,6 +39,65 @@ class EvaluationSpec:
     max_tokens: int = 16384
 
 
+# ---- what a pass returns ------------------------------------------------------------------------------
+@dataclass
+class ReportRow:
+    """One headline number of a pass: ``what`` was measured before and after it, and how (``settings``).
+
+    ``before_label`` / ``after_label`` name the two columns where "before" and "after" would mislead (the
+    a2sf pass compares the full cache with the evicting one on the same weights)."""
+
+    what: str
+    before: float | None
+    after: float | None
+    settings: str = ""
+    before_label: str = "before"
+    after_label: str = "after"
+
+    @property
+    def change_pct(self) -> float | None:
+        if self.before in (None, 0) or self.after is None:
+            return None
+        return 100.0 * (self.after / self.before - 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "change_pct": self.change_pct}
+
+
+@dataclass
+class ReportTable:
+    """A table a pass wants a person to see (per-layer scores, a search grid); cells are numbers or text."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PassResult:
+    """What ``Pass.run`` returns. The report renders it without knowing the pass: ``notes`` as sentences,
+    ``rows`` as a before/after table, ``tables`` as they are, ``warnings`` in the report, ``data``
+    (JSON-able details: scores, fits, decisions) in report.json under the pass's ``changes``."""
+
+    notes: list[str] = field(default_factory=list)
+    rows: list[ReportRow] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    tables: list[ReportTable] = field(default_factory=list)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "notes": list(self.notes),
+            "rows": [row.to_dict() for row in self.rows],
+            "tables": [table.to_dict() for table in self.tables],
+            "warnings": list(self.warnings),
+            "changes": self.data,
+        }
+
+
 # ---- passes -----------------------------------------------------------------------------------------
 class Pass(ABC):
     """One graph rewrite. Subclasses set ``name`` and ``config_class`` and implement ``run``."""
@@ -90,8 +149,8 @@ class Pass(ABC):
         return None
 
     @abstractmethod
-    def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
-        """Rewrite ``graph`` in place; return a JSON-able summary of what changed (goes into the report)."""
+    def run(self, graph: CheckpointGraph, ctx: PassContext) -> PassResult:
+        """Rewrite ``graph`` in place; say what changed and what it cost (the report renders it as is)."""
 
 
 def canonical_key(key: str) -> str:

@@ -6,10 +6,17 @@ plus optionally ``hidden_mse`` times the relative mean squared error between the
 (``||s - t||^2 / ||t||^2``, so the weight does not depend on the activations' scale). Only the parameters
 named trainable move (AdamW, linear warmup then cosine decay to a tenth, gradient clipping 1.0); windows are
 visited in seeded random order, epoch by epoch, so a run is reproducible on a given device.
+
+:class:`HealingRun` is the flow every pass that changes the model's function runs around :func:`distill`
+(``sas`` after its approximate conversion, ``layer_drop`` after dropping): it decides where perplexity is
+measured -- ``--eval-ppl`` when given, otherwise an eighth of the calibration windows held out from healing
+-- measures, distils, stores the trained parameters back into the checkpoint graph, measures what will be
+written, and plots the healing curve. :func:`perplexity_rows` turns the three perplexities into report rows.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable
@@ -17,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from slimformer.converter.errors import SlimformerError
+from slimformer.converter.graph import CheckpointGraph, TensorRef
+from slimformer.passes.base import PassContext, ReportRow
 from torch.nn import functional as F
 
 
@@ -77,19 +87,21 @@ def distill(
     mse_layers: list[int] | None = None,
     log: Callable[[str], None] = print,
     progress: bool = False,
+    name: str = "sas",
 ) -> dict[str, Any]:
     """Train ``student``'s ``trainable`` parameters to imitate ``teacher`` on ``windows`` (``LongTensor[n, T]``).
 
     Returns a JSON-able record: settings, trainable parameter count, loss history, wall time. The student is
     left in eval mode with every ``requires_grad`` off. ``progress`` shows a bar on a terminal and a plain
-    line every few seconds otherwise (:func:`slimformer.converter.progress.progress_bar`).
+    line every few seconds otherwise (:func:`slimformer.converter.progress.progress_bar`); ``name`` (the pass)
+    labels the bar and the log lines.
     """
     from slimformer.converter.progress import progress_bar
 
     device = next(student.parameters()).device
     params = []
-    for name, param in student.named_parameters():
-        param.requires_grad_(trainable(name))
+    for param_name, param in student.named_parameters():
+        param.requires_grad_(trainable(param_name))
         if param.requires_grad:
             params.append(param)
     if not params:
@@ -112,7 +124,7 @@ def distill(
     teacher.eval()
     student.train()
     started = time.perf_counter()
-    bar = progress_bar(settings.steps, "sas healing", progress, unit="step")
+    bar = progress_bar(settings.steps, f"{name} healing", progress, unit="step")
     try:
         with torch.enable_grad():
             for step in range(1, settings.steps + 1):
@@ -155,7 +167,7 @@ def distill(
                 if step % settings.log_every == 0 or step == settings.steps:
                     shown = history[-1] if recorded else {"kl": kl.item(), "mse": mse.item()}
                     log(
-                        f"[sas] heal step {step}/{settings.steps}: KL {shown['kl']:.4f}"
+                        f"[{name}] heal step {step}/{settings.steps}: KL {shown['kl']:.4f}"
                         + (f", hidden MSE {shown['mse']:.4f}" if use_mse else "")
                         + f" ({elapsed:.0f}s)"
                     )
@@ -178,3 +190,165 @@ def distill(
         "seconds": round(time.perf_counter() - started, 2),
         "history": history,
     }
+
+
+# ---- the flow passes share -------------------------------------------------------------------------------
+def require_holdout(ctx: PassContext, samples: int | None = None) -> None:
+    """Without ``--eval-ppl`` perplexity is measured on held-out calibration windows: there must be two."""
+    if not ctx.evaluation.ppl and (ctx.calibration.samples if samples is None else samples) < 2:
+        raise SlimformerError(
+            "need at least 2 calibration windows to hold some out for perplexity",
+            fix="raise --calib-samples or pass --eval-ppl",
+        )
+
+
+def store_parameters(
+    graph: CheckpointGraph, model: torch.nn.Module, trainable: Callable[[str], bool]
+) -> None:
+    """Write the model's trained parameters back into the graph, in each tensor's stored dtype."""
+    owners = {name: node for node in graph.nodes() for name in node.tensors}
+    for name, param in model.named_parameters():
+        if trainable(name) and name in owners:
+            old = owners[name].tensors[name]
+            owners[name].tensors[name] = TensorRef.from_tensor(
+                name, param.detach().to("cpu", old.load().dtype).clone()
+            )
+
+
+def own_storage(model: torch.nn.Module, trainable: Callable[[str], bool]) -> None:
+    """Give the trainable parameters storage of their own. A model built from a graph whose tensors a pass
+    computed (``TensorRef.value``, e.g. an earlier healing) shares that memory, and so does the teacher built
+    from the same tensors: training in place would move the teacher and the graph along with the student."""
+    for name, param in model.named_parameters():
+        if trainable(name):
+            param.data = param.data.clone()
+
+
+class HealingRun:
+    """Measure, distil, store, measure again: the steps of healing, in the order every pass takes them.
+
+    ``windows`` train; perplexity is measured on ``--eval-ppl`` when given (``source`` names it), otherwise on
+    ``heldout``: the last eighth of the calibration windows (at least one), never trained on. ``where`` says
+    which, for the report's row settings.
+    """
+
+    def __init__(self, ctx: PassContext, name: str, device: str | None = None) -> None:
+        self.ctx, self.name, self.device = ctx, name, device or ctx.device
+        windows = ctx.calibration_windows()
+        evaluation = ctx.evaluation
+        if evaluation.ppl:
+            self.windows, self.heldout, self.source = windows, None, evaluation.ppl
+            self.where = (
+                f"--eval-ppl {evaluation.ppl}: window {evaluation.window}, "
+                f"at most {evaluation.max_tokens:,} tokens"
+            )
+            return
+        require_holdout(ctx, len(windows))
+        n = max(1, len(windows) // 8)
+        self.windows, self.heldout = windows[:-n], windows[-n:]
+        self.source = f"{n} held-out calibration window(s) of {windows.shape[1]} tokens"
+        self.where = (
+            f"no --eval-ppl: {n} calibration window(s) of {windows.shape[1]} tokens held out from healing"
+        )
+
+    def measure(self, model: torch.nn.Module) -> float:
+        from slimformer.converter.evaluation import perplexity_of_tokens
+
+        if self.heldout is None:
+            return self.ctx.perplexity(model)
+        return perplexity_of_tokens(model, self.heldout, window=self.heldout.shape[1]).perplexity
+
+    def heal(
+        self,
+        graph: CheckpointGraph,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        trainable: Callable[[str], bool],
+        settings: HealSettings,
+        *,
+        params: str,
+        fix: str,
+        mse_layers: list[int] | None = None,
+    ) -> tuple[dict[str, Any], float]:
+        """Distil ``student`` (built from ``graph``) towards ``teacher``, store its ``trainable`` parameters in
+        ``graph`` and measure the model the graph now builds -- what will be written, not the live student.
+        Returns the distillation record (with ``params``, ``epochs``, ``windows``) and that perplexity.
+        ``params`` names the trainable set in messages; ``fix`` says what to choose when it is empty."""
+        ctx, windows = self.ctx, self.windows
+        if not any(trainable(name) for name, _ in student.named_parameters()):
+            raise SlimformerError(f"{self.name}: heal_params={params} selects no parameter to train", fix=fix)
+        epochs = settings.steps * settings.batch_size / len(windows)
+        if epochs > 2:
+            # Measured on pycoder-8m (README, SAS): 64 windows seen 6 times healed 2 layers to ppl 32.5, 256
+            # windows seen 1.6 times to 31.3 -- a small calibration set is overfitted.
+            ctx.log(
+                f"[{self.name}] note: healing visits each of the {len(windows)} calibration windows {epochs:.1f} "
+                "times; more windows (--calib-samples) heal better than more passes over few"
+            )
+        own_storage(student, trainable)
+        record = distill(
+            student,
+            teacher,
+            windows,
+            trainable,
+            settings,
+            mse_layers=mse_layers,
+            log=ctx.log,
+            progress=ctx.progress,
+            name=self.name,
+        )
+        record.update(params=params, epochs=round(epochs, 2), windows=len(windows), seq_len=windows.shape[1])
+        store_parameters(graph, student, trainable)
+        healed = self.measure(graph.build_model(device=self.device))
+        ctx.log(f"[{self.name}] perplexity after healing: {healed:.3f} ({self.source})")
+        plot = healing_plot(record, f"{self.name}: healing by distillation")
+        if plot is not None:
+            ctx.artefacts[f"{self.name}_healing.png"] = plot
+        return record, healed
+
+
+def perplexity_rows(
+    source: str,
+    change: str,
+    before: float,
+    changed: float,
+    healed: float | None,
+    where: str,
+    heal: dict[str, Any] | None = None,
+) -> list[ReportRow]:
+    """The report rows of a healed change: perplexity before it against after it, and against after healing."""
+    rows = [ReportRow(f"perplexity on {source} after {change}", before, changed, where)]
+    if healed is not None and heal is not None:
+        how = (
+            f"{heal['steps']} KL step(s) x {heal['batch_size']} of {heal['windows']} calibration window(s) of "
+            f"{heal['seq_len']} tokens ({heal['epochs']:g} epoch(s)), lr {heal['lr']:g}, {heal['params']} parameters"
+        )
+        rows.append(
+            ReportRow(f"perplexity on {source} after {change} and healing", before, healed, f"{where}; {how}")
+        )
+    return rows
+
+
+def healing_plot(heal: dict[str, Any], title: str) -> bytes | None:
+    """A PNG of the healing curve (KL per logged step), or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    history = heal["history"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    # Every logged step is a point; markers only while there are few enough to tell apart.
+    ax.plot(
+        [h["step"] for h in history], [h["kl"] for h in history], marker="o" if len(history) <= 60 else None
+    )
+    ax.set_xlabel("healing step")
+    ax.set_ylabel("KL(teacher || student)")
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -91,7 +91,7 @@ def test_convert_writes_policy_and_report(converted: Path) -> None:
     assert [layer["cache_policy"] for layer in report["layers"]] == [
         {"policy": "a2sf", "budget": BUDGET, "sink": 1, "recent": 4, "alpha": 0.5}
     ] * 3
-    assert any("KV memory bound: 3,072 B per sequence" in note for note in record["changes"]["notes"])
+    assert any("KV memory bound: 3,072 B per sequence" in note for note in record["notes"])
     # The Markdown layer table states each slot's policy in words, not as a Python dict.
     markdown = (converted / "report.md").read_text()
     assert (
@@ -195,7 +195,7 @@ def test_only_layers_with_attention_get_a_slot(source: Path) -> None:
     graph.blocks[1].attention.state = DROPPED
     ctx = PassContext(None, CalibrationSpec(), EvaluationSpec(), log=lambda message: None)
     changes = A2SFPass.from_params({"layer_budgets": "6:9", "policy": "h2o", "recent": 2}).run(graph, ctx)
-    assert graph.kv_cache["layer_budgets"] == [6, 9] and changes["cache_slots"] == 2
+    assert graph.kv_cache["layer_budgets"] == [6, 9] and changes.data["cache_slots"] == 2
     assert [b.cache_policy and b.cache_policy["budget"] for b in graph.blocks] == [6, None, 9]
     assert graph.blocks[0].cache_policy == {
         "policy": "h2o",
@@ -205,11 +205,14 @@ def test_only_layers_with_attention_get_a_slot(source: Path) -> None:
         "alpha": 1.0,
     }
     # 2 layers x 128 B/token: 6 x 128 + 9 x 128.
-    assert changes["kv_bytes_bound_per_sequence"] == 15 * 128
+    assert changes.data["kv_bytes_bound_per_sequence"] == 15 * 128
     with pytest.raises(SlimformerError, match="layer_budgets has 3 entries but the model has 2 cache slots"):
         A2SFPass.from_params({"layer_budgets": [6, 6, 6]}).run(graph, ctx)
     # A ratio budget depends on the prompt, so there is no fixed bound; policy=none removes the policy.
-    assert A2SFPass.from_params({"budget_ratio": 0.25}).run(graph, ctx)["kv_bytes_bound_per_sequence"] is None
+    assert (
+        A2SFPass.from_params({"budget_ratio": 0.25}).run(graph, ctx).data["kv_bytes_bound_per_sequence"]
+        is None
+    )
     A2SFPass.from_params({"policy": "none"}).run(graph, ctx)
     assert graph.kv_cache is None and all(b.cache_policy is None for b in graph.blocks)
 
@@ -325,10 +328,178 @@ def test_pass_reports_eviction_perplexity(source: Path, text_file: Path, tmp_pat
     assert measured["increase_pct"] == pytest.approx(
         100 * (measured["perplexity"] / measured["full_cache_perplexity"] - 1)
     )
-    assert any(
-        note.startswith("perplexity under eviction on") for note in report["passes"][0]["changes"]["notes"]
-    )
+    assert any(note.startswith("perplexity under eviction on") for note in report["passes"][0]["notes"])
     # The report's before/after rows score windows in one forward: the weights are unchanged, so are they.
     assert report["evaluation"]["perplexity_after"] == pytest.approx(
         report["evaluation"]["perplexity_before"]
     )
+
+
+# ---- measured choices: alpha=auto, allocate=auto (passes/kv_tuning.py) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"policy": "a2sf", "budget_ratio": 0.25, "alpha": 0.5},
+        {"policy": "h2o", "budget": 10, "recent_ratio": 0.25, "sink": 1},
+        {"policy": "streaming", "budget": 12},
+        {"policy": "a2sf", "layer_budgets": [6, 12, 20], "alpha": 0.9},
+    ],
+)
+def test_prefill_replay_equals_the_decode_protocol(model: torch.nn.Module, fields: dict) -> None:
+    """kv_tuning prefills once and rebuilds each policy's cache through its update/observe; that must give the
+    numbers eviction_perplexity_of_tokens gets by running the cache end to end, decoding and prefill-only."""
+    from slimformer.passes import kv_tuning
+
+    # chunk_size 8 < the prompt: the prompt is scored in chunks in both flows (as every real prompt is).
+    policy = CachePolicy.from_dict({**fields, "chunk_size": 8})
+    ids = stream().view(4, 48)
+    record = kv_tuning.record_prefill(model, ids[:, :32], ids[:, 32:])
+    for chunk in (1, 16):
+        direct = eviction_perplexity_of_tokens(
+            model,
+            ids,
+            prompt_len=32,
+            continuation=16,
+            chunk=chunk,
+            batch_size=4,
+            cache_factory=lambda: EvictingCache(policy),
+        )
+        replayed = kv_tuning.window_nll(model, [record], policy, chunk)
+        assert float(replayed.mean()) == pytest.approx(direct.nll, rel=1e-9, abs=1e-12)
+        assert float(kv_tuning.window_nll(model, [record], None, chunk).mean()) == pytest.approx(
+            direct.full_cache_nll, rel=1e-6
+        )
+    # The kept positions the allocation measures are the ones the evicting cache really keeps.
+    cache = EvictingCache(policy)
+    with torch.inference_mode():
+        model(input_ids=ids[:, :32], past_key_values=cache, use_cache=True)
+    for slot, layer in enumerate(cache.layers):
+        kept = kv_tuning.kept_positions(record, policy, slot)
+        assert torch.equal(kept.sort(dim=-1).values, layer.kept_positions().sort(dim=-1).values)
+
+
+def test_allocate_spreads_the_total_where_a_step_saves_most() -> None:
+    from slimformer.passes import kv_tuning
+
+    budgets = [4, 8, 12, 16, 20]
+    curves = kv_tuning.LossCurves(
+        budgets,
+        [
+            [0.50, 0.20, 0.10, 0.05, 0.00],  # steep: tokens here save the most attention mass
+            [0.10, 0.09, 0.08, 0.07, 0.06],  # flat
+            [0.30, 0.25, 0.20, 0.15, 0.10],
+        ],
+    )
+    allocated = kv_tuning.allocate(curves, total=30, floor=4, cap=20)
+    assert sum(allocated) == 30 and all(4 <= b <= 20 for b in allocated)
+    assert allocated[0] > allocated[2] > allocated[1]
+    assert sum(kv_tuning.allocate(curves, total=31, floor=4, cap=20)) == 31  # a remainder below one step
+    with pytest.raises(SlimformerError, match="cannot spread 70 tokens over 3 cache slots"):
+        kv_tuning.allocate(curves, total=70, floor=4, cap=20)
+
+
+@pytest.fixture(scope="module")
+def tuned(source: Path, text_file: Path) -> Path:
+    out = source.parent / "tuned"
+    options = "budget_ratio=0.25,alpha=auto,allocate=auto,alpha_grid=0.5:1,recent_grid=0.25:0.75,chunk_size=8"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "convert",
+            str(source),
+            "-o",
+            str(out),
+            "--a2sf",
+            options,
+            "--calib",
+            str(text_file),
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "48",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_alpha_auto_and_allocate_auto_choose_store_and_report(tuned: Path) -> None:
+    config = json.loads((tuned / "config.json").read_text())["kv_cache"]
+    record = json.loads((tuned / "report.json").read_text())["passes"][0]
+    tuning = record["changes"]["tuning"]
+    # alpha=auto: the whole grid measured (decode protocol), the lowest perplexity chosen and stored.
+    grid = tuning["alpha"]["grid"]
+    assert {(row["alpha"], row["recent_ratio"]) for row in grid} == {
+        (0.5, 0.25),
+        (0.5, 0.75),
+        (1.0, 0.25),
+        (1.0, 0.75),
+    }
+    best = min(grid, key=lambda row: row["perplexity"])
+    assert tuning["alpha"]["chosen"] == {"alpha": best["alpha"], "recent_ratio": best["recent_ratio"]}
+    assert (config["alpha"], config["recent_ratio"]) == (best["alpha"], best["recent_ratio"])
+    assert tuning["calibration"] == {
+        "source": tuning["calibration"]["source"],
+        "windows": 4,
+        "prompt_len": 36,
+        "continuation": 12,
+    }
+    # allocate=auto: per-layer budgets summing to the uniform total (25% of the 36-token prompt = 9 per slot).
+    assert config["budget_ratio"] is None and config["budget"] is None
+    assert sum(config["layer_budgets"]) == 3 * 9 == tuning["allocation"]["total"]
+    assert config["layer_budgets"] == tuning["allocation"]["layer_budgets"]
+    assert (
+        tuning["allocation"]["lost_attention_mass_allocated"]
+        <= tuning["allocation"]["lost_attention_mass_uniform"] + 1e-9
+    )
+    notes = " ".join(record["notes"])
+    assert "alpha=auto: alpha" in notes and "allocate=auto: 27 tokens" in notes
+    # The written pipeline replays the measurement, not its outcome.
+    pipeline = (tuned / "pipeline.toml").read_text()
+    assert 'alpha = "auto"' in pipeline and 'allocate = "auto"' in pipeline
+    # generate() builds the allocated cache.
+    _, cache = generate(load_model(tuned))
+    assert cache.kept_lengths() == config["layer_budgets"]
+
+
+def test_allocated_budgets_export_to_onnx(tuned: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from slimformer.exporters.onnx import OnnxExportOptions, export_onnx
+    from slimformer.exporters.onnx_runtime import OnnxCausalLM, load_metadata
+
+    export_onnx(tuned, tmp_path / "onnx", OnnxExportOptions(quiet=True))
+    budgets = json.loads((tuned / "config.json").read_text())["kv_cache"]["layer_budgets"]
+    assert load_metadata(tmp_path / "onnx")["kv_cache"]["layer_budgets"] == budgets
+    # ONNX Runtime decodes with the same per-layer budgets and picks the same tokens as the PyTorch runtime.
+    expected, _ = generate(load_model(tuned))
+    got = OnnxCausalLM(tmp_path / "onnx", threads=1).generate(
+        prompt_ids().numpy(), max_new_tokens=12, pad_token_id=3
+    )
+    assert got.state.physical_lengths() == budgets
+    assert (got.sequences == expected.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("policy=h2o,budget=8,alpha=auto", "alpha=auto tunes A2SF's forgetting factor"),
+        ("layer_budgets=8:8:8,allocate=auto", "allocate=auto chooses the per-layer budgets itself"),
+        ("budget=8,allocate=sometimes", "allocate='sometimes' is unknown"),
+        ("budget=8,alpha_grid=0.5:0.9", "alpha_grid is the grid alpha=auto measures"),
+        ("budget=8,alpha=auto,alpha_grid=0:0.5", "alpha_grid values must lie in (0, 1]"),
+        ("budget=8,alpha=auto,recent=2,recent_grid=0.5", "recent_grid searches the recent split"),
+        ("budget=8,alpha=auto,tune_continuation=1", "tune_continuation=1 must be an integer >= 2"),
+    ],
+)
+def test_bad_tuning_options_fail_before_any_work(
+    source: Path, tmp_path: Path, options: str, message: str
+) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["convert", str(source), "-o", str(out), "--a2sf", options, "-q"])
+    assert isinstance(result.exception, SlimformerError), result.output
+    assert message in str(result.exception) and "Fix:" in str(result.exception)
+    assert not out.exists()

@@ -875,11 +875,12 @@ def test_report_names_the_output_and_labels_both_perplexities(world: dict[str, P
     report = json.loads((out / "report.json").read_text())
     markdown = (out / "report.md").read_text()
     assert markdown.startswith(f"# slimformer report: {out} (converted from {world['lm5']})")
-    assert (
-        "| perplexity of the weights (" in markdown
-        and "| full cache | evicting cache | change from eviction |" in markdown
-    )
-    assert "before | after" not in markdown.split("KV-cache eviction")[1].split("## Passes")[0]
+    assert "| perplexity of the weights (" in markdown
+    # The passes' own measurements: SAS before/after conversion and healing, and eviction (full vs evicting cache).
+    measured = markdown.split("Measured by the passes:")[1].split("## Passes")[0]
+    assert "| sas | perplexity on " in measured and "healing" in measured
+    eviction = next(line for line in measured.splitlines() if line.startswith("| a2sf |"))
+    assert "| full cache " in eviction and "| evicting cache " in eviction
     terminal = render_terminal(report)
     assert str(out) in terminal.splitlines()[0] and "full cache" in terminal and "evicting cache" in terminal
     assert report["plots"][0] == "layers.png" and set(report["plots"]) == {"layers.png", "sas_healing.png"}

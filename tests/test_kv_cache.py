@@ -15,6 +15,7 @@ attention is masked to the tokens the reference kept, and the cache must have ke
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,9 +35,14 @@ IMPLS = ("eager", "sdpa")
 # ---- the tiny model ------------------------------------------------------------------------------------
 
 
-def tiny_model(impl: str, *, kv_cache: dict | None = None, seed: int = 0) -> SlimformerForCausalLM:
-    """3 layers, 4 query / 2 KV heads (GQA); layer 1 has no attention, so the cache has 2 compact slots."""
+def tiny_model(
+    impl: str, *, kv_cache: dict | None = None, seed: int = 0, form: str | None = None
+) -> SlimformerForCausalLM:
+    """3 layers, 4 query / 2 KV heads (GQA); layer 1 has no attention, so the cache has 2 compact slots.
+    ``form``: layer 2's attention is that simplified form (SAS), which hands the cache no probabilities."""
     blocks = [{"attention": {"no_op": i == 1}, "ffn": {"no_op": False}} for i in range(3)]
+    if form is not None:
+        blocks[2]["attention"]["form"] = form
     config = SlimformerConfig(
         base_model_type="llama",
         vocab_size=VOCAB,
@@ -252,6 +258,79 @@ def test_budget_above_length_equals_plain_cache(impl: str) -> None:
     assert torch.equal(model.generate(prompt, **args), plain_out)
 
 
+# ---- the steady decode state (one bookkeeping pass for all layers) ----------------------------------------
+
+STEADY_STEPS = [
+    12,
+    1,
+    1,
+    1,
+    1,
+    1,
+    2,
+    1,
+    1,
+    1,
+    1,
+]  # evict, steady decode, a chunk (the group dissolves), again
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["a2sf-0.5-chunked", "h2o-layer-budgets", "streaming", "tova", "snapkv"])
+def test_steady_decode_matches_masked_full_reference(impl: str, name: str) -> None:
+    case = CASES[name]
+    model = tiny_model(impl)
+    ids = tokens(2, sum(STEADY_STEPS))
+    cache = run_against_reference(
+        model, case.policy, ids, STEADY_STEPS, case.limits, case.alpha, case.score_fn
+    )
+    # The last steps ran in steady groups: one for both slots, or one each when their budgets differ.
+    groups = [layer.group for layer in cache.layers]
+    assert all(group is not None for group in groups)
+    assert (groups[0] is groups[1]) == (case.limits[0] == case.limits[1])
+
+
+class GeneralPathCache(EvictingCache):
+    """The same cache with steady groups switched off: every step takes the general path."""
+
+    def _form_groups(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("form", [None, "sas"])
+@pytest.mark.parametrize("name", ["a2sf-0.5-chunked", "h2o-layer-budgets", "streaming", "tova", "snapkv"])
+def test_steady_groups_equal_the_general_path(name: str, form: str | None) -> None:
+    """Left padding (per-row offsets in the steady bookkeeping) and a padded decode step in one row (the
+    group must dissolve, rebuild ranks, and form again): logits, kept tokens and scores as without groups;
+    also with a SAS layer, whose steady steps recompute the probabilities."""
+    policy = CASES[name].policy
+    model = tiny_model("sdpa", form=form)
+    steps = [12] + [1] * 8 + [2] + [1] * 8
+    ids = tokens(2, sum(steps), seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, 15] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    fast, general = EvictingCache(policy), GeneralPathCache(policy)
+    steady, seen = [], 0
+    with torch.no_grad():
+        for size in steps:
+            kwargs = dict(
+                attention_mask=mask[:, : seen + size], position_ids=positions[:, seen : seen + size]
+            )
+            ours = model(ids[:, seen : seen + size], past_key_values=fast, **kwargs).logits
+            theirs = model(ids[:, seen : seen + size], past_key_values=general, **kwargs).logits
+            seen += size
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)  # SDPA with or without a mask
+            for a, b in zip(fast.layers, general.layers):
+                assert torch.equal(a.kept_positions(), b.kept_positions())
+                torch.testing.assert_close(a.scores[a.valid], b.scores[b.valid], atol=1e-6, rtol=0)
+            steady.append(all(layer.steady for layer in fast.layers))
+    assert not any(layer.steady for layer in general.layers)
+    # Steady after the first decode step; not at the padded step (15) or the chunk; steady again after.
+    assert steady[2:4] == [True, True] and steady[4] is False and steady[-1] is True
+
+
 # ---- batches with left padding ---------------------------------------------------------------------------
 
 
@@ -393,14 +472,89 @@ def test_budget_ratio_resolves_against_the_prompt() -> None:
     assert CachePolicy("streaming", budget_ratio=0.5).limits(0, 20) == LayerLimits(
         budget=10, sink=4, recent=6
     )
-    # A ratio budget on a short prompt never drops below the protected tokens.
-    assert CachePolicy("a2sf", budget_ratio=0.1, recent=4, sink=2).limits(0, 10) == LayerLimits(6, 2, 4)
+    # A ratio budget is never raised to fit the protected windows: they shrink to fit inside it.
+    assert CachePolicy("a2sf", budget_ratio=0.1, recent=4, sink=2).limits(0, 10) == LayerLimits(1, 0, 1)
     model = tiny_model("sdpa")
     cache = EvictingCache(CachePolicy("a2sf", budget_ratio=0.5))
     with torch.no_grad():
         model(tokens(1, 20), past_key_values=cache)
         model(tokens(1, 1), past_key_values=cache)
     assert cache.kept_lengths() == [10, 10]
+
+
+@pytest.mark.parametrize("prompt_len", [3, 7, 10, 33, 100, 101])
+def test_budget_ratio_keeps_exactly_the_requested_budget(prompt_len: int) -> None:
+    """floor(ratio x prompt), at least 1, kept exactly: the protected windows shrink to fit, never the other
+    way round (this request used to keep 61 of a 100-token prompt's tokens)."""
+    policy = CachePolicy("a2sf", budget_ratio=0.2, recent=57, sink=4)
+    budget = max(1, math.floor(0.2 * prompt_len))
+    sink = min(4, budget - 1)
+    assert policy.limits(0, prompt_len) == LayerLimits(budget, sink, min(57, budget - sink))
+    model = tiny_model("sdpa")
+    cache = EvictingCache(policy)
+    with torch.no_grad():
+        model(tokens(1, prompt_len), past_key_values=cache)
+        assert cache.kept_lengths() == [budget] * 2
+        for step in range(3):
+            model(tokens(1, 1, seed=step), past_key_values=cache)
+    assert cache.kept_lengths() == [budget] * 2
+    for slot in range(2):
+        for h in range(2):
+            assert set(range(sink)) <= set(kept(cache, slot, 0, h))  # the (shrunk) sink is still kept
+
+
+def test_issue_request_resolves_in_words() -> None:
+    limits = CachePolicy("a2sf", budget_ratio=0.2, recent=57, sink=4).limits(0, 100)
+    assert limits.describe() == "20 tokens = 4 sink + 16 recent + 0 by score"
+    assert CachePolicy("a2sf", budget_ratio=0.29).limits(0, 100).budget == 29  # 0.29 * 100 < 29 in floats
+    assert CachePolicy("streaming", budget_ratio=0.1).limits(0, 30) == LayerLimits(3, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (CachePolicy("a2sf", budget=8, recent=3, sink=2), [8, 8]),
+        (CachePolicy("h2o", layer_budgets=[5, 9], recent=2), [5, 9]),
+        (CachePolicy("streaming", budget=6), [6, 6]),
+    ],
+)
+def test_token_budgets_keep_exactly_what_was_asked(policy: CachePolicy, expected: list[int]) -> None:
+    model = tiny_model("sdpa")
+    for prompt_len in (4, 12, 30):
+        cache = EvictingCache(policy)
+        with torch.no_grad():
+            model(tokens(1, prompt_len), past_key_values=cache)
+            for step in range(3):
+                model(tokens(1, 1, seed=step), past_key_values=cache)
+        assert cache.kept_lengths() == [min(b, prompt_len + 3) for b in expected]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"budget": 8, "recent": 6, "sink": 4},
+            "kv_cache budget 8 is smaller than sink 4 + recent 6; raise budget to at least 10, or lower sink or recent",
+        ),
+        (  # the default recent window is 75% of the budget, so 10 is not enough: 13 - 9 >= 4
+            {"budget": 8, "sink": 4},
+            "kv_cache budget 8 is smaller than sink 4 + recent 6; raise budget to at least 13, or lower sink or "
+            "recent_ratio",
+        ),
+        (
+            {"policy": "streaming", "budget": 2, "sink": 4},
+            "kv_cache budget 2 is smaller than sink 4 + recent 0; raise budget to at least 4, or lower sink",
+        ),
+        (
+            {"policy": "h2o", "layer_budgets": [6, 3], "recent": 2, "sink": 2},
+            "kv_cache budget 3 is smaller than sink 2 + recent 2; raise budget to at least 4, or lower sink or recent",
+        ),
+    ],
+)
+def test_token_budget_below_its_protected_windows_is_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        CachePolicy.from_dict({"policy": "a2sf", **fields})
+    assert str(refused.value) == message
 
 
 # ---- CachePolicy: validation, parsing, serialisation -----------------------------------------------------

@@ -316,7 +316,7 @@ def test_one_shot_drops_least_important_and_iterative_rescores(llama4):
             progress=False,
             log=lambda m: None,
         )
-        changes = LayerDrop.from_params({"drop": "attn:2", "iterative": iterative}).run(g, ctx)
+        changes = LayerDrop.from_params({"drop": "attn:2", "iterative": iterative}).run(g, ctx).data
         assert [d["module"] for d in changes["dropped"]] == expected
         assert all(
             g.blocks[int(m.split(":")[1])].attention.reason.startswith("layer_drop: attention")
@@ -460,8 +460,9 @@ def test_two_calibration_sources_are_compared_in_the_report(llama4, tmp_path):
     assert set(stability["pairs"][0]["spearman"]) == {"attention", "mlp", "block"}
     assert 0.0 <= stability["min_jaccard"] <= 1.0
     assert set(changes["scores_by_source"]) == {CALIB, CALIB_2}
-    assert any("Jaccard" in note for note in changes["notes"])
-    assert bool(changes["warnings"]) == (not stability["stable"])
+    record = report["passes"][0]
+    assert any("Jaccard" in note for note in record["notes"])
+    assert bool(record["warnings"]) == (not stability["stable"])
 
 
 def test_pipeline_replay_reproduces_the_drop(llama4, tmp_path):
@@ -470,6 +471,232 @@ def test_pipeline_replay_reproduces_the_drop(llama4, tmp_path):
     assert replay.passes[0].params["metric"] == "angular"
     second = convert(llama4, tmp_path / "b", replay, QUIET)
     assert first["layers"] == second["layers"]
+
+
+# ---- healing after the drop ----------------------------------------------------------------------------
+def _kl_to(teacher, student, windows):
+    """KL(teacher || student) of the next-token distributions, averaged over every position of ``windows``."""
+    from slimformer.passes.healing import kl_divergence
+
+    with torch.no_grad():
+        return float(kl_divergence(teacher(input_ids=windows).logits, student(input_ids=windows).logits))
+
+
+def test_healing_lowers_the_kl_to_the_original_and_reports_three_perplexities(llama4, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plain = convert(llama4, tmp_path / "plain", _spec("attn:2", eval_ppl=HELD_OUT), QUIET)
+    spec = _spec("attn:2", eval_ppl=HELD_OUT, heal_steps=30, heal_lr=1e-2)
+    spec.calibration.samples = 16
+    healed = convert(llama4, tmp_path / "healed", spec, QUIET)
+    record = healed["passes"][0]
+    changes = record["changes"]
+    assert [d["module"] for d in changes["dropped"]] == [
+        d["module"] for d in plain["passes"][0]["changes"]["dropped"]
+    ]
+    # Held-out text the healing never saw: the healed model is closer to the original than the dropped one.
+    windows = torch.tensor([[min(95, max(3, ord(c) - 29)) for c in text[:48]] for text in _held_out_texts()])
+    original = AutoModelForCausalLM.from_pretrained(llama4).eval()
+    kl_dropped = _kl_to(original, load_model(tmp_path / "plain"), windows)
+    kl_healed = _kl_to(original, load_model(tmp_path / "healed"), windows)
+    assert kl_healed < 0.5 * kl_dropped, (kl_dropped, kl_healed)
+    ppl = changes["healing"]["perplexity"]
+    assert ppl["source"] == HELD_OUT
+    assert abs(ppl["after_healing"] - ppl["before"]) < abs(ppl["after_drop"] - ppl["before"])
+    history = changes["healing"]["heal"]["history"]
+    assert history[-1]["kl"] < history[0]["kl"] and changes["healing"]["heal"]["params"] == "all"
+    # The rows: before dropping against after dropping, and against after healing, on --eval-ppl.
+    rows = record["rows"]
+    assert [row["what"] for row in rows] == [
+        f"perplexity on {HELD_OUT} after dropping",
+        f"perplexity on {HELD_OUT} after dropping and healing",
+    ]
+    assert [(row["before"], row["after"]) for row in rows] == [
+        (ppl["before"], ppl["after_drop"]),
+        (ppl["before"], ppl["after_healing"]),
+    ]
+    assert all(row["settings"].startswith(f"--eval-ppl {HELD_OUT}") for row in rows)
+    assert "30 KL step(s) x 4 of 16 calibration window(s)" in rows[1]["settings"]
+    # Without healing the dropped perplexity is the same number: one measurement, two runs.
+    assert plain["evaluation"]["perplexity_after"] == pytest.approx(ppl["after_drop"], rel=1e-6)
+    assert healed["evaluation"]["perplexity_after"] == pytest.approx(ppl["after_healing"], rel=1e-6)
+    assert "layer_drop_healing.png" in healed["plots"]
+    assert (tmp_path / "healed" / "layer_drop_healing.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(note.startswith("healed by 30 step(s) of KL distillation") for note in record["notes"])
+
+
+def _held_out_texts():
+    text = (ROOT / "converter" / "report.py").read_text()  # neither calibration nor evaluation source
+    return [text[i : i + 48] for i in range(0, 48 * 4, 48)]
+
+
+def test_healed_checkpoint_holds_the_trained_weights_and_reloads_exactly(llama4, tmp_path):
+    from slimformer.converter.outputs import atomic_output_dir
+    from slimformer.exporters.safetensors import write_checkpoint
+    from slimformer.passes.layer_drop.drop import LayerDrop
+
+    graph = _graph(llama4)
+    ctx = PassContext(
+        _tokenizer(llama4),
+        CalibrationSpec([CALIB], 9, 48),
+        EvaluationSpec(),
+        progress=False,
+        log=lambda m: None,
+    )
+    params = {"drop": "attn:1", "heal_steps": 5, "heal_lr": 1e-2, "heal_params": "mlp"}
+    result = LayerDrop.from_params(params).run(graph, ctx)
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        write_checkpoint(graph, tmp)
+    original = _graph(llama4).state_dict()
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as handle:
+        saved = {name: handle.get_tensor(name) for name in handle.keys()}
+    mlp = [name for name in saved if ".mlp." in name or "post_attention_layernorm" in name]
+    assert mlp and all(not torch.equal(saved[name], original[name]) for name in mlp)
+    assert all(torch.equal(saved[name], original[name]) for name in saved if name not in mlp)
+    ids = _windows(3, 20, seed=7)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "out")(ids).logits, graph.build_model()(ids).logits)
+    # No --eval-ppl: measured on the ninth calibration window, which healing never trained on.
+    healing = result.data["healing"]
+    assert healing["perplexity"]["source"] == "1 held-out calibration window(s) of 48 tokens"
+    assert healing["heal"]["windows"] == 8 and healing["heal"]["trainable_params"] == 4 * (3 * 32 * 64 + 32)
+    assert all("held out from healing" in row.settings for row in result.rows) and len(result.rows) == 2
+
+
+def test_healing_leaves_the_teacher_alone_when_tensors_live_in_memory(llama4):
+    """After an earlier pass wrote tensors (TensorRef.value), models built from the graph share that memory:
+    the teacher and the graph must not move while the student trains."""
+    from slimformer.passes.healing import store_parameters
+    from slimformer.passes.layer_drop.drop import LayerDrop
+
+    graph = _graph(llama4)
+    store_parameters(graph, graph.build_model(), lambda name: True)
+    refs = {name: ref for node in graph.nodes() for name, ref in node.tensors.items()}
+    snapshot = {name: ref.value.clone() for name, ref in refs.items() if ref.value is not None}
+    assert len(snapshot) == len(refs)
+    ctx = PassContext(
+        _tokenizer(llama4),
+        CalibrationSpec([CALIB], 6, 48),
+        EvaluationSpec(),
+        progress=False,
+        log=lambda m: None,
+    )
+    LayerDrop.from_params({"drop": "mlp:1", "heal_steps": 3, "heal_lr": 1e-2}).run(graph, ctx)
+    assert all(torch.equal(refs[name].value, value) for name, value in snapshot.items())
+    moved = [
+        name
+        for node in graph.nodes()
+        if node.kept
+        for name, ref in node.tensors.items()
+        if ref is not refs[name]
+    ]
+    assert moved  # the graph holds new tensors for what was trained
+
+
+def test_quality_target_then_healing_reuses_the_search_measurements(llama4, tmp_path):
+    spec = _spec("joint", eval_ppl=HELD_OUT, max_ppl_increase=0.5, heal_steps=3, heal_lr=1e-3)
+    record = convert(llama4, tmp_path / "out", spec, QUIET)["passes"][0]
+    search, healing = record["changes"]["perplexity"], record["changes"]["healing"]["perplexity"]
+    assert (healing["before"], healing["after_drop"]) == (search["baseline"], search["final"])
+    assert len(record["rows"]) == 2 and record["rows"][1]["after"] == healing["after_healing"]
+
+
+def test_heal_params_select_the_documented_parameters(llama4):
+    from slimformer.passes.layer_drop.drop import heal_filter
+
+    graph = _graph(llama4)
+    graph.blocks[1].attention.state = DROPPED
+    names = [name for node in graph.nodes() if node.kept for name in node.tensors]
+
+    def pick(which):
+        return sorted(name for name in names if heal_filter(graph, [1], which)(name))
+
+    assert pick("all") == sorted(names)
+    norms = [f"model.layers.{i}.post_attention_layernorm.weight" for i in range(4)]
+    norms += [f"model.layers.{i}.input_layernorm.weight" for i in (0, 2, 3)]
+    assert pick("norms") == sorted(norms + ["model.norm.weight"])
+    neighbours = pick("neighbours")  # layers 0, 1 (its MLP) and 2
+    assert {name.split(".")[2] for name in neighbours} == {"0", "1", "2"}
+    assert not any(name.startswith("model.layers.1.self_attn") for name in neighbours)
+    assert len(pick("mlp")) == 4 * 4 and all(
+        ".mlp." in n or "post_attention_layernorm" in n for n in pick("mlp")
+    )
+    assert pick("attention") and not any(name.startswith("model.layers.1.") for name in pick("attention"))
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"heal_steps": -1}, "heal_steps=-1 must be an integer >= 0"),
+        ({"heal_steps": 2.5}, "heal_steps=2.5 must be an integer"),
+        ({"heal_steps": 2, "heal_lr": 0}, "heal_lr=0 must be a positive number"),
+        ({"heal_steps": 2, "heal_lr": "fast"}, "heal_lr='fast' must be a positive number"),
+        ({"heal_steps": 2, "heal_batch_size": 0}, "heal_batch_size=0 must be an integer >= 1"),
+        ({"heal_steps": 2, "heal_params": "everything"}, "unknown layer_drop heal_params 'everything'"),
+    ],
+)
+def test_bad_healing_options_are_clear_errors(llama4, tmp_path, params, match):
+    with pytest.raises(SlimformerError, match=match) as info:
+        convert(llama4, tmp_path / "out", _spec("attn:1", **params), QUIET)
+    assert info.value.fix and not (tmp_path / "out").exists()
+
+
+def test_healing_refusals_before_any_work(llama4, tmp_path):
+    bert = _char_tokenizer(make_tiny("bert", tmp_path / "bert"))
+    with pytest.raises(SlimformerError, match="encoder"):
+        convert(bert, tmp_path / "a", _spec("attn:1", heal_steps=2), QUIET)
+    one_window = _spec("attn:1", heal_steps=2)
+    one_window.calibration.samples = 1
+    with pytest.raises(SlimformerError, match="hold some out") as info:
+        convert(llama4, tmp_path / "b", one_window, QUIET)
+    assert "--eval-ppl" in info.value.fix
+    with pytest.raises(SlimformerError, match="heal_params=attention selects no parameter"):
+        convert(llama4, tmp_path / "c", _spec("attn:1.0", heal_steps=2, heal_params="attention"), QUIET)
+    assert not any((tmp_path / name).exists() for name in "abc")
+    result = CliRunner().invoke(cli, ["convert", str(llama4), "-o", str(tmp_path / "d"), "--heal-steps", "3"])
+    assert isinstance(result.exception, SlimformerError) and "no layer drop was asked for" in str(
+        result.exception
+    )
+
+
+def test_real_stories260k_heals_through_the_cli(tmp_path):
+    """A real pretrained model, the CLI flag and the defaults (all parameters, lr 5e-5): healing recovers part
+    of what dropping two attention sub-blocks cost on held-out WikiText-2 test text."""
+    source = require(STORIES)
+    calib, test = str(require(WIKI / "wiki.valid.tokens")), str(require(WIKI / "wiki.test.raw"))
+    out = tmp_path / "out"
+    args = [
+        "convert",
+        str(source),
+        "-o",
+        str(out),
+        "--drop",
+        "attn:2",
+        "--heal-steps",
+        "20",
+        "--calib",
+        calib,
+    ]
+    args += [
+        "--calib-samples",
+        "32",
+        "--calib-seq-len",
+        "128",
+        "--eval-ppl",
+        test,
+        "--max-tokens",
+        "4096",
+        "-q",
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"]["passes"][0]["heal_steps"] == 20
+    ppl = report["passes"][0]["changes"]["healing"]["perplexity"]
+    # Measured: 122.8 before dropping, 218.2 after, 191.9 healed.
+    assert ppl["before"] < ppl["after_healing"] < 0.95 * ppl["after_drop"]
+    assert report["evaluation"]["perplexity_after"] == pytest.approx(ppl["after_healing"], rel=1e-6)
+    assert (out / "layer_drop_healing.png").is_file()
 
 
 # ---- real models ----------------------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def test_runner_times_and_records_each_pass(tiny_llama):
     from dataclasses import dataclass
 
     from slimformer.converter.graph import DROPPED, load_graph
-    from slimformer.converter.pipeline import Pass
     from slimformer.converter.source import resolve_source
+    from slimformer.passes.base import Pass, PassResult
 
     @dataclass
     class DropMlpConfig:
@@ -61,7 +61,7 @@ def test_runner_times_and_records_each_pass(tiny_llama):
 
         def run(self, graph, ctx):
             graph.blocks[self.config.layer].mlp.state = DROPPED
-            return {"notes": [f"dropped MLP {self.config.layer}"]}
+            return PassResult(notes=[f"dropped MLP {self.config.layer}"], data={"layer": self.config.layer})
 
     graph = load_graph(resolve_source(tiny_llama))
     before = graph.num_params()
@@ -69,7 +69,8 @@ def test_runner_times_and_records_each_pass(tiny_llama):
         graph, [DropMlp.from_params({"layer": 1})], PassContext(None, None, None, log=lambda m: None)
     )
     assert records[0]["name"] == "drop_mlp_for_test" and records[0]["params"] == {"layer": 1}
-    assert records[0]["duration_s"] >= 0 and records[0]["changes"]["notes"] == ["dropped MLP 1"]
+    assert records[0]["duration_s"] >= 0 and records[0]["notes"] == ["dropped MLP 1"]
+    assert records[0]["changes"] == {"layer": 1} and records[0]["rows"] == [] and records[0]["warnings"] == []
     assert graph.num_params() < before
     with pytest.raises(SlimformerError, match="unknown option"):
         DropMlp.from_params({"layr": 1})
@@ -169,3 +170,58 @@ def test_cli_inspect_lists_every_node(tmp_path):
     assert result.exit_code == 0, result.output
     for label in ("embeddings", "0.attention", "0.mlp", "1.attention", "1.mlp", "final_norm", "head"):
         assert label in result.output
+
+
+def test_a_pass_that_breaks_the_graph_is_named(tiny_llama):
+    from dataclasses import dataclass
+
+    from slimformer.converter.graph import load_graph
+    from slimformer.converter.source import resolve_source
+    from slimformer.passes.base import Pass, PassResult
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    class BadBudgets(Pass):  # stores one budget per slot for a model with more slots
+        name = "bad_budgets_for_test"
+        config_class = NoOptions
+
+        def run(self, graph, ctx):
+            graph.kv_cache = {"policy": "a2sf", "layer_budgets": [8]}
+            return PassResult()
+
+    graph = load_graph(resolve_source(tiny_llama))
+    with pytest.raises(
+        SlimformerError, match="pass bad_budgets_for_test left the checkpoint graph invalid: the KV"
+    ):
+        run_pipeline(graph, [BadBudgets.from_params({})], PassContext(None, None, None, log=lambda m: None))
+
+
+def test_pass_order_is_free_where_the_result_is_valid(tmp_path):
+    from conftest import TINY_LM
+
+    def convert_with(passes: str, out: str):
+        pipeline = tmp_path / f"{out}.toml"
+        pipeline.write_text("[calibration]\nsamples = 4\nseq_len = 32\n\n" + passes)
+        return CliRunner().invoke(
+            cli, ["convert", str(TINY_LM), "-o", str(tmp_path / out), "--pipeline", str(pipeline), "-q"]
+        )
+
+    # One budget for every slot: dropping attention afterwards leaves a valid cache, with one slot fewer.
+    ok = convert_with(
+        '[[passes]]\nname = "a2sf"\nbudget = 16\n\n[[passes]]\nname = "layer_drop"\ndrop = "attn:1"\n', "ok"
+    )
+    assert ok.exit_code == 0, ok.output
+    layers = json.loads((tmp_path / "ok" / "report.json").read_text())["layers"]
+    assert [("cache_policy" in layer) for layer in layers] == [
+        layer["attention"] != "dropped" for layer in layers
+    ]
+    # One budget per slot: the budgets would no longer match the layers -- refused before any work.
+    budgets = ":".join(["16"] * 6)
+    bad = convert_with(
+        f'[[passes]]\nname = "a2sf"\nlayer_budgets = "{budgets}"\n\n[[passes]]\nname = "layer_drop"\ndrop = "attn:1"\n',
+        "bad",
+    )
+    assert bad.exit_code != 0 and "put layer_drop before a2sf" in str(bad.exception)
+    assert not (tmp_path / "bad").exists()

@@ -347,7 +347,7 @@ def test_fit_recovers_an_attention_that_is_already_shaped(tmp_path):
         fit.gains, torch.tensor([[0.0], [1.0], [0.0]]).expand(3, 4), atol=1e-4
     )
     ctx = context_with_windows()
-    report = SasPass.from_params({"layers": 1, "heal_steps": 0}).run(graph, ctx)["conversion"]
+    report = SasPass.from_params({"layers": 1, "heal_steps": 0}).run(graph, ctx).data["conversion"]
     assert report["converted_layers"] == [1]
     assert report["perplexity"]["after_conversion"] == pytest.approx(report["perplexity"]["before"], rel=1e-5)
 
@@ -357,9 +357,15 @@ def test_approximate_conversion_heals_and_exports(tmp_path):
 
     graph = load_graph(resolve_source(make_tiny("llama", tmp_path / "src", layers=4)))
     params_before = graph.num_params()
-    report = SasPass.from_params({"layers": 2, "heal_steps": 4, "hidden_mse": 0.5}).run(
+    result = SasPass.from_params({"layers": 2, "heal_steps": 4, "hidden_mse": 0.5}).run(
         graph, context_with_windows()
-    )["conversion"]
+    )
+    report = result.data["conversion"]
+    # The report rows: perplexity before, after conversion and after healing, on the same windows.
+    assert [row.after for row in result.rows] == [
+        report["perplexity"]["after_conversion"],
+        report["perplexity"]["after_healing"],
+    ]
     assert report["approximate"] is True and "APPROXIMATE" in report["note"]
     scores = {s["layer"]: s["fit_error"] for s in report["layer_scores"]}
     assert report["converted_layers"] == sorted(sorted(scores, key=scores.get)[:2])

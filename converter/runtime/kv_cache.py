@@ -19,9 +19,11 @@ StreamingLLM, SnapKV, TOVA). After each forward step a layer keeps, per (batch r
 Decode steps are cheap: once a slot is full, the token that leaves marks its storage slot free and the
 next token is written into it -- no re-gathering of keys, values and bookkeeping. Attention does not care
 about slot order once RoPE is applied; what the recent window needs is kept per slot (``ranks``: index of
-the token among its row's real tokens). Eviction is position-safe because RoPE is applied before keys
-are cached; ``get_seq_length()`` stays the LOGICAL number of tokens seen so RoPE positions stay right,
-while the attention mask comes from the per-slot validity kept here.
+the token among its row's real tokens). Once every layer decodes in that steady state, a
+:class:`SteadyGroup` books the new token and the next victim for all layers in one pass per step, so a
+decode step of an evicting cache costs about what a plain one does. Eviction is position-safe because RoPE
+is applied before keys are cached; ``get_seq_length()`` stays the LOGICAL number of tokens seen so RoPE
+positions stay right, while the attention mask comes from the per-slot validity kept here.
 
 Shipped inside converted checkpoints: imports only torch, transformers and the standard library.
 """
@@ -56,6 +58,13 @@ CACHE_FIELD = (
 POLICIES = tuple(POLICY_CLASSES)
 EVICTING_POLICIES = tuple(name for name, cls in POLICY_CLASSES.items() if cls.evicts)
 DEFAULT_CHUNK_SIZE = 128
+# Bytes an evicting slot stores per token and KV head beside K and V: float32 score, bool validity, int64
+# position and rank, and in a steady group the int64 protection count ``until``.
+SLOT_BOOKKEEPING_BYTES = 4 + 1 + 8 + 8 + 8
+# ``SteadyGroup.until`` of a sink token: a count of tokens no sequence reaches, so sinks never expire.
+NEVER = torch.iinfo(torch.int64).max // 2
+# Version of config.json's kv_cache table: 1 had no version field; 2 adds it (same fields otherwise).
+KV_CACHE_FORMAT = 2
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_RECENT_RATIO",
@@ -66,6 +75,8 @@ __all__ = [
     "EvictingCache",
     "EvictingLayer",
     "LayerLimits",
+    "SLOT_BOOKKEEPING_BYTES",
+    "SteadyGroup",
     "new_cache",
 ]
 
@@ -78,6 +89,11 @@ class LayerLimits:
     budget: int
     sink: int
     recent: int
+
+    def describe(self) -> str:
+        """In words, e.g. ``20 tokens = 4 sink + 16 recent + 0 by score``."""
+        rest = self.budget - self.sink - self.recent
+        return f"{self.budget} tokens = {self.sink} sink + {self.recent} recent + {rest} by score"
 
 
 @dataclass
@@ -118,11 +134,19 @@ class CachePolicy:
     # ---- (de)serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"format": KV_CACHE_FORMAT, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CachePolicy:
-        """Read ``config.json["kv_cache"]``; checkpoints written before ``window`` existed read unchanged."""
+        """Read ``config.json["kv_cache"]``; checkpoints written before ``window`` or ``format`` existed read
+        unchanged, and a policy from a newer format is refused by name instead of misread."""
+        data = dict(data)
+        written = data.pop("format", 1)
+        if not isinstance(written, int) or written > KV_CACHE_FORMAT:
+            raise ValueError(
+                f"kv_cache format {written!r} is newer than this runtime reads ({KV_CACHE_FORMAT}); "
+                "upgrade slimformer or re-convert the checkpoint"
+            )
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -258,26 +282,43 @@ class CachePolicy:
             _require(
                 _is_count(budget) and budget >= 1, f"kv_cache budget {budget!r} must be a positive integer"
             )
-            sink, recent = self.effective_sink, kind.recent_window(self, budget)
-            _require(
-                budget >= sink + recent,
-                f"kv_cache budget {budget} is smaller than sink {sink} + recent {recent}; raise it or shrink them",
-            )
+            # A token budget is kept as given, so protected windows that do not fit are refused, not widened.
+            sink, recent = self.effective_sink, kind.recent_window(self, budget, self.effective_sink)
+            _require(budget >= sink + recent, self._too_small(budget, sink, recent))
 
     def limits(self, slot: int, prompt_len: int) -> LayerLimits | None:
-        """The budget of cache slot ``slot`` for a prompt of ``prompt_len`` tokens (``None``: never evict)."""
+        """The budget of cache slot ``slot`` for a prompt of ``prompt_len`` tokens (``None``: never evict).
+
+        A token budget (``budget``, ``layer_budgets``) is what it says; validation refused any smaller than
+        its sink + recent. A ``budget_ratio`` resolves to ``floor(ratio * prompt_len)`` tokens -- never more
+        than asked; at least 1, the one token a decode step writes -- and the protected windows shrink to fit
+        inside it instead of raising it: the sink keeps at most ``budget - 1`` tokens (room for the newest
+        token), the recent window at most what the sink leaves. ``budget_ratio=0.2,recent=57,sink=4`` on a
+        100-token prompt keeps 20 tokens: 4 sink + 16 recent.
+        """
         if not self.evicts:
             return None
-        if self.layer_budgets is not None:
-            budget = self.layer_budgets[slot]
-        elif self.budget is not None:
-            budget = self.budget
+        if self.budget_ratio is None:
+            budget = self.layer_budgets[slot] if self.layer_budgets is not None else self.budget
+            sink = self.effective_sink
+            return LayerLimits(budget=budget, sink=sink, recent=self.kind.recent_window(self, budget, sink))
+        # The epsilon keeps float error from losing a token (0.29 * 100 = 28.999999999999996).
+        budget = max(1, math.floor(self.budget_ratio * prompt_len + 1e-9))
+        sink = min(self.effective_sink, budget - 1)
+        recent = min(self.kind.recent_window(self, budget, sink), budget - sink)
+        return LayerLimits(budget=budget, sink=sink, recent=recent)
+
+    def _too_small(self, budget: int, sink: int, recent: int) -> str:
+        """The refusal of a token budget below its protected windows, naming the smallest budget that fits
+        (a ratio recent window grows with the budget, so that is searched, not sink + recent)."""
+        candidates = range(budget + 1, 4 * (sink + recent) + 2)
+        fits = next((b for b in candidates if b >= sink + self.kind.recent_window(self, b, sink)), None)
+        change = f"raise budget to at least {fits}" if fits is not None else "raise budget"
+        if "recent" in self.kind.fields:
+            change += f", or lower sink or {'recent' if self.recent is not None else 'recent_ratio'}"
         else:
-            budget = max(1, math.ceil(self.budget_ratio * prompt_len))
-        sink = self.effective_sink
-        recent = self.kind.recent_window(self, budget)
-        # A ratio budget on a short prompt may be smaller than the protected tokens: protect them all.
-        return LayerLimits(budget=max(budget, sink + recent), sink=sink, recent=recent)
+            change += ", or lower sink"
+        return f"kv_cache budget {budget} is smaller than sink {sink} + recent {recent}; {change}"
 
 
 def _require(ok: bool, message: str) -> None:
@@ -315,16 +356,21 @@ class EvictingLayer(DynamicLayer):
     tokens, ``seen`` the logical tokens that went through the layer.
 
     Once full, a slot holds ``budget + 1`` storage slots of which one is free: a decode step writes its
-    token into the free slot, attends, scores, and frees the slot of the token that leaves.
+    token into the free slot, attends, scores, and frees the slot of the token that leaves. When every
+    (row, head) holds exactly ``budget + 1`` real tokens after such a step the layer is ``ready`` and its
+    cache moves it into a :class:`SteadyGroup`, which does the bookkeeping of all its layers at once.
     """
 
     def __init__(self, policy: CachePolicy, slot: int) -> None:
         super().__init__()
         self.policy = policy
         self.slot = slot
+        self.group: SteadyGroup | None = None
         self._clear()
 
     def _clear(self) -> None:
+        if self.group is not None:
+            self.group.dissolve()
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -334,25 +380,45 @@ class EvictingLayer(DynamicLayer):
         self.n_real: torch.Tensor | None = None
         self.step_valid: torch.Tensor | None = None  # [B, H_kv, q]: this step's real query rows
         self.written_in_place = False
-        # Steady state: every (row, head) holds exactly ``budget`` tokens plus the free slot ``free``
-        # ``[B, H_kv, 1]``; a decode step then writes there and frees one slot, with no counting at all.
-        self.steady = False
+        # After a decode step that left every (row, head) with ``budget`` real tokens and one free slot
+        # ``free`` ``[B, H_kv, 1]``: the layer can join a steady group (until the next general step).
+        self.ready = False
         self.free: torch.Tensor | None = None
         self.is_initialized = False
         self.seen = 0
         self.limits: LayerLimits | None = None
+        self._rules: tuple[CachePolicy, float, float] | None = None  # see decode_rules
+
+    @property
+    def decode_rules(self) -> tuple[float, float]:
+        """``(decay, weight)`` of a decode step: how old scores decay per query row, and what the step's one
+        query row weighs (0 for SnapKV: decode steps add no votes). Read every step, so resolved once per
+        policy object (the policy may be swapped, e.g. by the budget tuning of ``passes/kv_tuning.py``)."""
+        if self._rules is None or self._rules[0] is not self.policy:
+            kind = self.policy.kind
+            weight = float(kind.row_weights(self.policy, 1, False, torch.device("cpu"))[0])
+            self._rules = (self.policy, kind.alpha(self.policy), weight)
+        return self._rules[1], self._rules[2]
+
+    @property
+    def steady(self) -> bool:
+        """In a steady group: decode steps write into the free slot with no mask and no per-layer bookkeeping."""
+        return self.group is not None
 
     # ---- storage --------------------------------------------------------------------------------------
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.group is not None:
+            if self.group.write(self, key_states, value_states):
+                return self.keys, self.values
+            self.group.dissolve()  # not the decode step the group opened: back to the general path
         batch, heads, q_len, _ = key_states.shape
         device = key_states.device
         given = (cache_kwargs or {}).get("new_valid")
         new_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device) if given is None else given
         new_valid = new_valid.to(device=device, dtype=torch.bool)
-        steady_step = self.steady and q_len == 1 and (given is None or bool(new_valid.all()))
         if not self.is_initialized:
             self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         ranks = self.n_real[:, None] + new_valid.long().cumsum(dim=-1) - 1
@@ -364,9 +430,8 @@ class EvictingLayer(DynamicLayer):
         scores = torch.zeros(shape, dtype=torch.float32, device=device)  # unseen tokens score 0
         self.step_valid = valid
         self.written_in_place = False
-        if steady_step:
-            self._write_in_place(self.free, key_states, value_states, valid, positions, ranks, scores)
-        elif not self.is_initialized:
+        self.ready = False
+        if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, device
             self.is_initialized = True
             # The first forward is the prompt: a ratio budget is resolved against its (padded) length.
@@ -383,7 +448,6 @@ class EvictingLayer(DynamicLayer):
             free = (~self.valid).int().argmax(dim=-1, keepdim=True)  # [B, H_kv, 1]
             self._write_in_place(free, key_states, value_states, valid, positions, ranks, scores)
         else:
-            self.steady = False
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.valid = torch.cat([self.valid, valid], dim=-1)
@@ -438,6 +502,8 @@ class EvictingLayer(DynamicLayer):
     def wants_probabilities(self, q_len: int) -> bool:
         """Whether this step's attention should hand over its softmax probabilities: short steps of a
         scoring policy (decode). Long prompts are scored in chunks instead (never the full L x L)."""
+        if self.steady and q_len == 1:
+            return self.decode_rules[1] != 0.0  # a steady decode step that adds no score needs none
         return self.limits is not None and self.policy.scores_attention and q_len <= self.policy.chunk_size
 
     def observe(
@@ -448,8 +514,17 @@ class EvictingLayer(DynamicLayer):
         probs: torch.Tensor | None = None,
     ) -> None:
         """Score this step (``probs`` ``[B, H, q, P]`` from the attention itself, or recomputed from
-        ``query`` in chunks), then evict down to the budget."""
+        ``query`` in chunks), then evict down to the budget -- in a steady group, the group evicts for all
+        its layers after the last one was scored (``SteadyGroup.close``)."""
         if self.limits is None:
+            return
+        if torch.is_grad_enabled():
+            # Scores are bookkeeping, never differentiated: with autograd on, detached inputs keep every
+            # step's graph out of them (and the steady in-place update legal).
+            query, probs = query.detach(), None if probs is None else probs.detach()
+        if self.steady:
+            if self.policy.scores_attention:
+                self._accumulate_decode(query, bias, scaling, probs)
             return
         if self.policy.scores_attention:
             self._accumulate(query, bias, scaling, probs)
@@ -470,7 +545,25 @@ class EvictingLayer(DynamicLayer):
             acc = torch.einsum("bhq,bhqp->bhp", weights, grouped)
         else:
             acc = self._chunked_scores(query, bias, scaling, weights)
-        self.scores = kind.alpha(self.policy) ** q_len * self.scores + acc
+        self.scores = self.decode_rules[0] ** q_len * self.scores + acc
+
+    def _accumulate_decode(
+        self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, probs: torch.Tensor | None
+    ) -> None:
+        """:meth:`_accumulate` for a steady decode step (one real query row), in place: ``scores`` is a view
+        into the group's storage."""
+        decay, weight = self.decode_rules
+        if weight == 0.0:
+            if decay != 1.0:
+                self.scores.mul_(decay)
+            return
+        if probs is None:
+            probs = grouped_probabilities(query, self.keys, bias, scaling)
+        batch, kv_heads, phys = self.scores.shape
+        step = probs.float().reshape(batch, kv_heads, -1, phys).sum(dim=2)  # the KV head's query heads
+        if weight != 1.0:
+            step.mul_(weight)
+        torch.add(step, self.scores, alpha=decay, out=self.scores)  # decay * scores + weight * S, one op
 
     def _chunked_scores(
         self, query: torch.Tensor, bias: torch.Tensor | None, scaling: float, weights: torch.Tensor
@@ -491,16 +584,10 @@ class EvictingLayer(DynamicLayer):
         """Keep sink ∪ recent ∪ top-k by score, per (batch row, KV head)."""
         limits = self.limits
         valid = self.valid
-        recent_from = self.n_real[:, None, None] - limits.recent
-        if self.steady and self.written_in_place:
-            # budget + 1 real tokens in every (row, head): free the lowest-priority unprotected one.
-            protected = (self.ranks < limits.sink) | (self.ranks >= recent_from)
-            self.free = self.scores.masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)
-            self.valid.scatter_(2, self.free, False)
-            return
         count = valid.sum(dim=-1)  # [B, H_kv]
         if not bool((count > limits.budget).any()):
             return
+        recent_from = self.n_real[:, None, None] - limits.recent
         protected = valid & ((self.ranks < limits.sink) | (self.ranks >= recent_from))
         if int((count - limits.budget).max()) == 1 and self.physical_length() > limits.budget:
             # One token too many (a decode step): free the lowest-priority unprotected slot; nothing moves.
@@ -510,15 +597,17 @@ class EvictingLayer(DynamicLayer):
                 self.valid.gather(2, victim) & (count <= limits.budget)[..., None]
             )  # rows within budget keep it
             self.valid.scatter_(2, victim, keep)
-            if bool((count == limits.budget + 1).all()):
-                self.steady, self.free = True, victim
+            # If every storage slot but the victim's holds a real token, a steady group can take over.
+            self.free = victim
+            self.ready = self.physical_length() == limits.budget + 1 and bool(
+                (count == limits.budget + 1).all()
+            )
             return
         # A prompt or a chunk: keep the budget's worth of slots. Protected tokens outrank every score and
         # padding ranks below everything, so padding only fills slots that a row with fewer real tokens than
         # the budget cannot fill (and stays invalid there).
         priority = self.scores.masked_fill(protected, float("inf")).masked_fill(~valid, float("-inf"))
         keep = priority.topk(limits.budget, dim=-1).indices.sort(dim=-1).values
-        self.steady = False
         self._gather(keep)
 
     def _gather(self, keep: torch.Tensor) -> None:
@@ -532,6 +621,9 @@ class EvictingLayer(DynamicLayer):
 
     def _map_batch(self, fn: Any) -> None:
         if self.is_initialized:
+            if self.group is not None:
+                self.group.dissolve()  # its bookkeeping is per row; the next decode steps rebuild it
+            self.ready = False
             for name in ("keys", "values", "scores", "valid", "positions", "ranks", "n_real", "free"):
                 if getattr(self, name) is not None:
                     setattr(self, name, fn(getattr(self, name)))
@@ -567,8 +659,119 @@ class EvictingLayer(DynamicLayer):
         self._clear()
 
 
+class SteadyGroup:
+    """The steady decode state of cache slots with equal shapes and limits, booked for all of them at once.
+
+    Steady: every (row, head) of every member holds ``budget + 1`` storage slots, all real but the free one,
+    and each decode token is real. A step then needs, per layer, only its two key/value writes and its score
+    update (:meth:`EvictingLayer._accumulate_decode`); the rest -- marking the new token in ``valid``,
+    ``positions``, ``scores``, and choosing and freeing each slot's victim -- runs once per step over
+    ``[S, B, H_kv, P]`` tensors whose slices ``[s]`` the members hold as their own. That is what makes an
+    evicting decode step cost about what a plain one does: per-layer bookkeeping was a dozen small tensor ops.
+
+    ``ranks`` and ``n_real`` are not maintained here; ``until`` replaces them: the ``seen`` count up to which
+    a token stays protected. While steady each row's real-token count is ``seen - pads`` with ``pads``
+    fixed, so the rank test ``rank >= n_real - recent`` is ``until >= seen`` with
+    ``until = rank + pads + recent`` -- one comparison with a Python int -- and every new token's ``until``
+    is the same Python int. Sinks never expire (:data:`NEVER`). :meth:`dissolve` rebuilds ``ranks`` and
+    ``n_real`` from it exactly, when a step is not a steady decode step (a chunk, padding, reordering).
+
+    The cache drives it: :meth:`open` at the first member's update, :meth:`write` per member, :meth:`close`
+    after the last member's observe. Members must be updated in order, once each per step.
+    """
+
+    def __init__(self, members: list[EvictingLayer]) -> None:
+        self.members = members
+        first = members[0]
+        self.limits = first.limits
+        for layer in members:
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()  # flat-index writes
+        self.valid = torch.stack([layer.valid for layer in members])  # [S, B, H_kv, P]
+        self.positions = torch.stack([layer.positions for layer in members])
+        self.scores = torch.stack([layer.scores for layer in members])
+        ranks = torch.stack([layer.ranks for layer in members])
+        # [S, B, 1, 1]: padding tokens each row has seen, fixed while steady (every decode token is real).
+        self.pads = torch.stack([(layer.seen - layer.n_real).view(-1, 1, 1) for layer in members])
+        self.until = torch.where(ranks < self.limits.sink, NEVER, ranks + self.pads + self.limits.recent)
+        for s, layer in enumerate(members):
+            layer.valid, layer.positions, layer.scores = self.valid[s], self.positions[s], self.scores[s]
+            layer.ready, layer.group = False, self
+        slots, batch, heads, phys = self.valid.shape
+        # Flat index of (slot s, row b, head h, storage slot p) in a member's [B * H_kv * P] keys and in the
+        # group's [S * B * H_kv * P] bookkeeping.
+        self.member_offsets = torch.arange(batch * heads, device=first.valid.device) * phys
+        self.group_offsets = torch.arange(slots * batch * heads, device=first.valid.device) * phys
+        self._set_free(torch.stack([layer.free for layer in members]))
+        self.written = -1  # members written in the open step; -1: no step open
+
+    def _set_free(self, free: torch.Tensor) -> None:
+        """``free`` ``[S, B, H_kv, 1]``: where each member's next token goes."""
+        self.free = free
+        self.flat = free.view(-1) + self.group_offsets
+        self.member_flat = (free.view(len(self.members), -1) + self.member_offsets).unbind(0)
+
+    def open(self, q_len: int, new_valid: torch.Tensor | None) -> bool:
+        """Start a step if it is a steady decode step (one real token per row); mark the new token in every
+        member's bookkeeping. False: not one, the caller dissolves the group."""
+        if self.written >= 0 or q_len != 1 or (new_valid is not None and not bool(new_valid.all())):
+            return False  # the last step was not closed, or this one is not a steady decode step
+        seen = self.members[0].seen
+        self.valid.view(-1).index_fill_(0, self.flat, True)
+        self.positions.view(-1).index_fill_(0, self.flat, seen)
+        self.until.view(-1).index_fill_(0, self.flat, seen + self.limits.recent)
+        self.scores.view(-1).index_fill_(0, self.flat, 0.0)  # unseen tokens score 0
+        self.written = 0
+        return True
+
+    def write(self, layer: EvictingLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Write ``layer``'s decode token into its free slot; False if that is not this step's next write."""
+        member = self.written
+        if member < 0 or member >= len(self.members) or self.members[member] is not layer:
+            return False
+        flat = self.member_flat[member]
+        for stored, new in ((layer.keys, key_states), (layer.values, value_states)):
+            width = stored.shape[-1]
+            stored.view(-1, width).index_copy_(0, flat, new.reshape(-1, width).to(stored.dtype))
+        layer.written_in_place = True
+        layer.seen += 1
+        self.written = member + 1
+        return True
+
+    def close(self) -> None:
+        """After the last member's scores: free every member's lowest-scoring unprotected slot at once."""
+        if self.written != len(self.members):
+            self.dissolve()  # a member was skipped: do not evict on partial information
+            return
+        seen = self.members[0].seen
+        priority = self.scores.masked_fill(self.until >= seen, float("inf"))
+        self._set_free(priority.argmin(dim=-1, keepdim=True))
+        self.valid.view(-1).index_fill_(0, self.flat, False)
+        self.written = -1
+
+    def dissolve(self) -> None:
+        """Hand every member back to the general bookkeeping (ranks, n_real, free rebuilt exactly)."""
+        if self.written >= 0:
+            # A step is open: members not written yet were marked as holding the new token; unmark them.
+            for member in range(self.written, len(self.members)):
+                self.valid[member].view(-1).index_fill_(0, self.member_flat[member], False)
+        recent = self.limits.recent
+        for s, layer in enumerate(self.members):
+            layer.ranks = torch.where(
+                self.until[s] >= NEVER, layer.ranks, self.until[s] - recent - self.pads[s]
+            )
+            layer.n_real = layer.seen - self.pads[s].view(-1)
+            layer.free = self.free[s]
+            layer.group = None
+        self.members = []
+
+
 class EvictingCache(Cache):
-    """A cache whose slots (created lazily, one per layer that keeps attention) evict by ``policy``."""
+    """A cache whose slots (created lazily, one per layer that keeps attention) evict by ``policy``.
+
+    It also drives the steady groups (:class:`SteadyGroup`): a group's step opens at its first member's
+    update and closes after its last member's observe; after the last slot's observe, slots that became
+    ready join new groups.
+    """
 
     def __init__(self, policy: CachePolicy | dict[str, Any], num_slots: int | None = None) -> None:
         if isinstance(policy, dict):
@@ -587,7 +790,13 @@ class EvictingCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
             self.layers.append(EvictingLayer(self.policy, len(self.layers)))
-        return self.layers[layer_idx].update(key_states, value_states, cache_kwargs)
+        layer = self.layers[layer_idx]
+        group = layer.group
+        if group is not None and group.members[0] is layer:
+            new_valid = (cache_kwargs or {}).get("new_valid")
+            if not group.open(key_states.shape[-2], new_valid):
+                group.dissolve()
+        return layer.update(key_states, value_states, cache_kwargs)
 
     def wants_probabilities(self, slot: int, q_len: int) -> bool:
         return slot < len(self.layers) and self.layers[slot].wants_probabilities(q_len)
@@ -600,7 +809,23 @@ class EvictingCache(Cache):
         scaling: float,
         probs: torch.Tensor | None = None,
     ) -> None:
-        self.layers[slot].observe(query, bias, scaling, probs)
+        layer = self.layers[slot]
+        layer.observe(query, bias, scaling, probs)
+        group = layer.group
+        if group is not None and group.members[-1] is layer:
+            group.close()
+        if slot == len(self.layers) - 1:
+            self._form_groups()
+
+    def _form_groups(self) -> None:
+        """Slots that are ready (``EvictingLayer.ready``) join steady groups, one per shape and limits."""
+        ready: dict[tuple[Any, ...], list[EvictingLayer]] = {}
+        for layer in self.layers:
+            if layer.ready and layer.group is None:
+                key = (layer.limits, tuple(layer.valid.shape), layer.valid.device)
+                ready.setdefault(key, []).append(layer)
+        for members in ready.values():
+            SteadyGroup(members)
 
     def physical_lengths(self) -> list[int]:
         """Storage slots per cache slot (the budget, plus the one free slot a decode step writes into)."""

@@ -58,14 +58,17 @@ class KVPolicy:
         """Weight of each of the step's ``q_len`` query rows, ``[q_len]`` float32."""
         return torch.zeros(q_len, device=device)
 
-    def recent_window(self, config: Any, budget: int) -> int:
-        """Protected recent tokens for a slot of ``budget`` tokens."""
+    def recent_window(self, config: Any, budget: int, sink: int | None = None) -> int:
+        """Protected recent tokens for a slot of ``budget`` tokens whose first ``sink`` tokens are protected
+        (``None``: the configured sink; a ratio budget may shrink it, see ``CachePolicy.limits``)."""
         return 0
 
     def validate(self, config: Any, require: Any) -> None:
         """Policy-specific checks; ``require(ok, message)`` raises ``ValueError(message)``."""
 
     def describe(self, config: Any) -> str:
+        """How the tokens beyond the sink and recent windows are chosen (reports; the windows' sizes are
+        ``LayerLimits.describe``'s)."""
         return "keeps every token"
 
 
@@ -78,11 +81,11 @@ class StreamingLLM(KVPolicy):
     default_sink = DEFAULT_STREAMING_SINK
     summary = "streaming keeps sink + the last budget - sink tokens and scores nothing"
 
-    def recent_window(self, config: Any, budget: int) -> int:
-        return max(budget - config.effective_sink, 0)
+    def recent_window(self, config: Any, budget: int, sink: int | None = None) -> int:
+        return max(budget - (config.effective_sink if sink is None else sink), 0)
 
     def describe(self, config: Any) -> str:
-        return f"keeps the first {config.effective_sink} (sink) and the most recent tokens"
+        return "no scores: the recent window is the rest of the budget"
 
 
 class A2SF(KVPolicy):
@@ -105,7 +108,7 @@ class A2SF(KVPolicy):
             weights[: max(0, q_len - config.score_window)] = 0
         return weights
 
-    def recent_window(self, config: Any, budget: int) -> int:
+    def recent_window(self, config: Any, budget: int, sink: int | None = None) -> int:
         if config.recent is not None:
             return config.recent
         ratio = DEFAULT_RECENT_RATIO if config.recent_ratio is None else config.recent_ratio
@@ -121,15 +124,10 @@ class A2SF(KVPolicy):
     ranking: ClassVar[str] = "accumulated attention score"
 
     def describe(self, config: Any) -> str:
-        if config.recent is not None:
-            recent = f"{config.recent} recent tokens"
-        else:
-            ratio = DEFAULT_RECENT_RATIO if config.recent_ratio is None else config.recent_ratio
-            recent = f"{ratio:.0%} of the budget as recent window"
-        return f"{self._scoring(config)}{recent}, {config.effective_sink} sink token(s), the rest by {self.ranking}"
+        return f"the rest by {self.ranking}{self._scoring(config)}"
 
     def _scoring(self, config: Any) -> str:
-        return f"alpha {self.alpha(config):g}, "
+        return f", alpha {self.alpha(config):g}"
 
 
 class H2O(A2SF):
@@ -193,7 +191,7 @@ class SnapKV(A2SF):
     ranking = "the attention of the prompt's last queries (observation window)"
 
     def _scoring(self, config: Any) -> str:
-        return f"window {DEFAULT_SNAPKV_WINDOW if config.window is None else config.window}, "
+        return f", window {DEFAULT_SNAPKV_WINDOW if config.window is None else config.window}"
 
 
 POLICY_CLASSES: dict[str, type[KVPolicy]] = {

@@ -134,16 +134,20 @@ def attend_with_probabilities(
     Grouped per KV head (no ``repeat_kv`` copy of the cache): ``query`` ``[B, H, q, D]``, ``key``/``value``
     ``[B, H_kv, P, D]``, ``bias`` ``[B, 1 | H_kv | H, q, P]`` or ``None`` (no mask). Returns the output as
     ``[B, q, H, D]`` (transformers' attention-function layout) and the probabilities ``[B, H, q, P]``
-    (float32 softmax, as eager attention computes it, cast to the query's dtype).
+    (the float32 softmax, as eager attention computes it before casting to the values' dtype).
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, phys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    grouped = query.view(batch, kv_heads, groups, q_len, dim)
-    logits = grouped @ key[:, :, None].transpose(-1, -2) * scaling  # [B, H_kv, G, q, P]
+    # The G query heads of a KV head become G * q query rows of it: one plain batched matmul against the
+    # stored keys and values, where broadcasting [B, H_kv, 1, P, D] over G would copy them every step.
+    rows = query.reshape(batch, kv_heads, groups * q_len, dim)
+    logits = (rows @ key.transpose(-1, -2)).mul_(scaling)  # [B, H_kv, G * q, P]
     if bias is not None:
         outer = bias.shape[1] // groups if bias.shape[1] == heads else bias.shape[1]
-        logits = logits + bias.reshape(bias.shape[0], outer, -1, q_len, phys)
-    probs = logits.float().softmax(dim=-1).to(query.dtype)
-    output = (probs @ value[:, :, None]).reshape(batch, heads, q_len, -1)
-    return output.transpose(1, 2), probs.reshape(batch, heads, q_len, phys)
+        logits = logits.view(batch, kv_heads, groups, q_len, phys) + bias.reshape(
+            bias.shape[0], outer, -1, q_len, phys
+        )
+    probs = logits.float().softmax(dim=-1).view(batch, kv_heads, groups * q_len, phys)
+    output = probs.to(value.dtype) @ value  # [B, H_kv, G * q, D_v]
+    return output.view(batch, heads, q_len, -1).transpose(1, 2), probs.view(batch, heads, q_len, phys)

@@ -15,6 +15,11 @@ definition by default). What is dropped is chosen by a drop spec::
 * ``max_ppl_increase = PCT``: drop in importance order while the perplexity on the evaluation source
   (``--eval-ppl``) stays within ``PCT`` percent of the model's own; the spec's count becomes an upper
   bound. The first module that breaks the target is put back and the search stops.
+* ``heal_steps = N`` (``--heal-steps``): after dropping, distil the model towards the one before dropping --
+  ``KL(teacher || student)`` of the next-token distributions on the calibration windows, the flow of
+  :class:`slimformer.passes.healing.HealingRun` that ``sas`` uses too -- training ``heal_params``. The report
+  gives perplexity before dropping, after it and after healing: on ``--eval-ppl`` when given (it should be
+  another source than the calibration text), otherwise on calibration windows held out from healing.
 
 With more than one calibration source, the first one decides and every source is scored: the report
 gives the Spearman correlation of the scores and the overlap of the drop sets each source would choose,
@@ -28,12 +33,24 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from slimformer.converter.errors import SlimformerError
 from slimformer.converter.graph import DROPPED, CheckpointGraph, Node
-from slimformer.passes.base import DryRun, Pass, PassContext, register
+from slimformer.passes.base import (
+    DryRun,
+    Pass,
+    PassContext,
+    PassResult,
+    ReportRow,
+    ReportTable,
+    register,
+    structural_copy,
+)
+from slimformer.passes.healing import HealingRun, HealSettings, perplexity_rows, require_holdout
 from slimformer.passes.layer_drop.importance import (
     COMPARES,
     METRICS,
@@ -56,6 +73,7 @@ MODE_ALIASES = {
 }
 SPEC_HELP = "write KIND:N or KIND:RATIO with KIND one of attn, mlp, block, joint (e.g. attn:4, joint:0.25)"
 PLOT = "layer_importance.png"
+HEAL_PARAMS = ("all", "neighbours", "norms", "mlp", "attention")
 
 
 @dataclass(frozen=True)
@@ -122,8 +140,9 @@ class DropSpec:
 
 @dataclass
 class LayerDropConfig:
-    """Options of the ``layer_drop`` pass (CLI: ``--drop``, ``--iterative``, ``--max-ppl-increase``, ``--streaming``;
-    every key in a pipeline file). The ``help`` metadata is what ``slimformer convert --help`` prints."""
+    """Options of the ``layer_drop`` pass (CLI: ``--drop``, ``--iterative``, ``--max-ppl-increase``, ``--streaming``,
+    ``--heal-steps``; every key in a pipeline file). The ``help`` metadata is what ``slimformer convert --help``
+    prints."""
 
     drop: str | None = field(
         default=None,
@@ -156,6 +175,23 @@ class LayerDropConfig:
         metadata={"help": "score one block at a time, one block's weights in memory (--streaming)"},
     )
     batch_size: int = field(default=8, metadata={"help": "calibration windows per scoring forward"})
+    heal_steps: int = field(
+        default=0,
+        metadata={
+            "help": "after dropping, KL-distillation steps towards the model before dropping, on the "
+            "calibration windows (0: no healing; --heal-steps)"
+        },
+    )
+    heal_lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate of healing"})
+    heal_batch_size: int = field(default=4, metadata={"help": "calibration windows per healing step"})
+    heal_params: str = field(
+        default="all",
+        metadata={
+            "help": "what healing trains: all; neighbours (every kept parameter of the layers at and next to "
+            "a dropped module); norms (every norm gain); mlp or attention (every kept sub-block of that kind, "
+            "with its norm)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.drop is not None and not isinstance(self.drop, str):
@@ -204,6 +240,23 @@ class LayerDropConfig:
             )
         if self.batch_size < 1:
             raise SlimformerError(f"batch_size must be >= 1 (got {self.batch_size})", fix="raise batch_size")
+        for name, least, example in (("heal_steps", 0, "--heal-steps 100"), ("heal_batch_size", 1, "4")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SlimformerError(
+                    f"layer_drop {name}={value!r} must be an integer >= {least}",
+                    fix=f"e.g. {name} = {example}",
+                )
+        lr = self.heal_lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise SlimformerError(
+                f"layer_drop heal_lr={lr!r} must be a positive number", fix="e.g. heal_lr = 5e-5"
+            )
+        if self.heal_params not in HEAL_PARAMS:
+            raise SlimformerError(
+                f"unknown layer_drop heal_params {self.heal_params!r}",
+                fix=f"use one of {', '.join(HEAL_PARAMS)}",
+            )
 
 
 def _plan_drop(graph: CheckpointGraph, mode: str, n: int) -> None:
@@ -240,6 +293,69 @@ def drop_module(
             saved.append((node, node.state, node.reason))
             node.state, node.reason = DROPPED, reason
     return saved
+
+
+def _release_cache_slots(graph: CheckpointGraph) -> None:
+    """A dropped attention has no KV-cache slot: clear the slot summary an earlier a2sf pass left on it."""
+    for block in graph.blocks:
+        if not block.attention.kept:
+            block.cache_policy = None
+
+
+def _check_healing(config: LayerDropConfig, graph: CheckpointGraph, ctx: PassContext) -> None:
+    if not config.heal_steps:
+        return
+    if graph.is_encoder:
+        raise SlimformerError(
+            "layer_drop healing distils next-token distributions, and this checkpoint is an encoder",
+            fix="leave out --heal-steps / heal_steps (the drop itself is exact)",
+        )
+    require_holdout(ctx)
+
+
+def heal_filter(graph: CheckpointGraph, layers: list[int], which: str) -> Callable[[str], bool]:
+    """The parameter names ``heal_params=which`` trains; ``layers`` are the layers that lost a module."""
+    if which == "all":
+        return lambda name: True
+    blocks = graph.blocks
+    if which == "neighbours":
+        near = sorted({j for i in layers for j in (i - 1, i, i + 1) if 0 <= j < len(blocks)})
+        nodes = [node for j in near for node in (blocks[j].attention, blocks[j].mlp)]
+    elif which == "norms":
+        nodes = list(graph.nodes())
+    else:
+        nodes = [getattr(block, which) for block in blocks]
+    names = {name for node in nodes if node.kept for name in node.tensors}
+    if which == "norms":  # input_layernorm, post_attention_layernorm, q_norm / k_norm, the final norm
+        names = {name for name in names if name.rsplit(".", 1)[0].endswith("norm")}
+    return frozenset(names).__contains__
+
+
+def _healing_note(healing: dict[str, Any]) -> str:
+    ppl, heal = healing["perplexity"], healing["heal"]
+    return (
+        f"healed by {heal['steps']} step(s) of KL distillation to the model before dropping "
+        f"({heal['params']}: {heal['trainable_params']:,} parameters trained, {heal['epochs']:g} epoch(s) of "
+        f"{heal['windows']} calibration windows, {heal['seconds']:.0f}s): perplexity on {ppl['source']} "
+        f"{ppl['before']:.3f} before dropping, {ppl['after_drop']:.3f} after, {ppl['after_healing']:.3f} healed"
+    )
+
+
+def _healing_warnings(healing: dict[str, Any], ctx: PassContext) -> list[str]:
+    ppl, warnings = healing["perplexity"], []
+    if ctx.evaluation.ppl and ctx.evaluation.ppl in ctx.calibration.sources:
+        warnings.append(
+            f"healing trained on {ctx.evaluation.ppl}, the source its perplexity is measured on: the healed "
+            "perplexity is optimistic; pass an --eval-ppl source other than the calibration text"
+        )
+    if ppl["after_healing"] > ppl["after_drop"]:
+        warnings.append(
+            f"healing raised perplexity ({ppl['after_drop']:.3f} -> {ppl['after_healing']:.3f}): lower "
+            "heal_lr or give more calibration windows (--calib-samples)"
+        )
+    for warning in warnings:
+        ctx.log(f"[slimformer] WARNING: {warning}")
+    return warnings
 
 
 def restore(saved: list[tuple[Node, str, str | None]]) -> None:
@@ -280,23 +396,31 @@ class LayerDrop(Pass):
                 "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
                 fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
             )
+        _check_healing(cfg, graph, ctx)
         kinds = {
             "attention": ["attention"],
             "mlp": ["mlp"],
             "block": ["attention", "mlp"],
             "joint": ["attention", "mlp"],
         }
+        if "attention" in kinds[spec.mode] and (graph.kv_cache or {}).get("layer_budgets") is not None:
+            raise SlimformerError(
+                "layer_drop would drop attention after a2sf set one budget per cache slot (layer_budgets): "
+                "the budgets would no longer match the layers",
+                fix="put layer_drop before a2sf in the pipeline (or give a2sf one budget for every slot)",
+            )
         if cfg.max_ppl_increase is not None:
             # How many go depends on measured perplexity: up to the limit, maybe none. Leave the copy intact.
             dry.uncertain.update(kinds[spec.mode])
             dry.history.append(f"layer_drop drops up to {limit} {spec.mode} module(s)")
             return
         _plan_drop(graph, spec.mode, limit)
+        _release_cache_slots(graph)
         if spec.mode == "joint":
             dry.uncertain.update(kinds["joint"])  # the split between attention and MLP comes from the scores
         dry.history.append(f"layer_drop drops {limit} {spec.mode} module(s) ({text})")
 
-    def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
+    def run(self, graph: CheckpointGraph, ctx: PassContext) -> PassResult:
         cfg = self.config
         text = cfg.drop or "attn"
         spec = DropSpec.parse(text)
@@ -317,8 +441,12 @@ class LayerDrop(Pass):
                 "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
                 fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
             )
+        _check_healing(cfg, graph, ctx)
 
         self._ctx, self._graph = ctx, graph
+        # The teacher of healing is the graph before dropping: a copy of its structure, same tensors.
+        healing = HealingRun(ctx, self.name) if cfg.heal_steps else None
+        original = structural_copy(graph) if healing else None
         sources = list(ctx.calibration.sources)
         by_source = {source: self._score(source) for source in sources}
         initial = by_source[sources[0]]
@@ -376,6 +504,12 @@ class LayerDrop(Pass):
         )
 
         warnings = []
+        if healing is not None and not dropped:
+            notes.append("nothing was dropped, so nothing was healed")
+        elif healing is not None:
+            changes["healing"] = self._heal(original, dropped, healing, changes.get("perplexity"))
+            notes.append(_healing_note(changes["healing"]))
+            warnings += _healing_warnings(changes["healing"], ctx)
         if len(sources) > 1:
             changes["scores_by_source"] = {s: sc.to_dict() for s, sc in by_source.items()}
             stability = compare_sources(by_source, spec.mode, max(len(dropped), 1))
@@ -385,15 +519,86 @@ class LayerDrop(Pass):
             if warning:
                 warnings.append(warning)
                 ctx.log(f"[slimformer] WARNING: {warning}")
-        changes["warnings"] = warnings
-        changes["notes"] = notes + [f"WARNING: {w}" for w in warnings]
         ctx.artefacts[PLOT] = plot_importance(
             initial,
             {d["module"] for d in dropped},
             title=f"{graph.family}, {len(graph.blocks)} layers: {text}",
         )
         changes["plot"] = PLOT
-        return changes
+        _release_cache_slots(graph)
+        rows = []
+        if "healing" in changes:
+            healed = changes["healing"]
+            ppl = healed["perplexity"]
+            rows = perplexity_rows(
+                ppl["source"],
+                "dropping",
+                ppl["before"],
+                ppl["after_drop"],
+                ppl["after_healing"],
+                healed["measured_on"],
+                healed["heal"],
+            )
+        elif "perplexity" in changes:
+            ppl = changes["perplexity"]
+            rows.append(
+                ReportRow(
+                    f"perplexity on {ppl['source']} while dropping",
+                    ppl["baseline"],
+                    ppl["final"],
+                    settings=f"target +{ppl['max_increase_pct']:g}%, window {ctx.evaluation.window}, "
+                    f"at most {ctx.evaluation.max_tokens:,} tokens",
+                )
+            )
+        table = importance_table(initial, {d["module"] for d in dropped})
+        return PassResult(notes=notes, rows=rows, data=changes, warnings=warnings, tables=[table])
+
+    # ---- healing -----------------------------------------------------------------------------------------
+    def _heal(
+        self,
+        original: CheckpointGraph,
+        dropped: list[dict[str, Any]],
+        run: HealingRun,
+        search: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Distil the dropped graph towards ``original`` (the graph before dropping); the trained parameters
+        end up in the graph, so the checkpoint written holds them."""
+        cfg, ctx, graph = self.config, self._ctx, self._graph
+        _release_cache_slots(graph)  # the student is built from the graph as it will be written
+        # Healing trains in float32 whatever --dtype is (AdamW steps vanish in half precision), as sas does.
+        teacher = original.build_model(device=run.device)
+        student = graph.build_model(device=run.device)
+        if search is not None and ctx.dtype == torch.float32:
+            # The quality-target search measured both on the same source and in the same precision.
+            before, after = search["baseline"], search["final"]
+        else:
+            before, after = run.measure(teacher), run.measure(student)
+        ctx.log(
+            f"[layer_drop] perplexity before dropping {before:.3f}, after {after:.3f} ({run.source}); "
+            f"healing {cfg.heal_steps} step(s), heal_params={cfg.heal_params} ..."
+        )
+        trainable = heal_filter(graph, sorted({d["layer"] for d in dropped}), cfg.heal_params)
+        settings = HealSettings(steps=cfg.heal_steps, lr=cfg.heal_lr, batch_size=cfg.heal_batch_size)
+        record, healed = run.heal(
+            graph,
+            student,
+            teacher,
+            trainable,
+            settings,
+            params=cfg.heal_params,
+            fix="use heal_params=all (or the kind of sub-block that is left: mlp or attention)",
+        )
+        return {
+            "teacher": "the model before dropping",
+            "perplexity": {
+                "source": run.source,
+                "before": before,
+                "after_drop": after,
+                "after_healing": healed,
+            },
+            "measured_on": run.where,
+            "heal": record,
+        }
 
     # ---- scoring and dropping -------------------------------------------------------------------------
     def _score(self, source: str) -> LayerScores:
@@ -492,6 +697,21 @@ class LayerDrop(Pass):
             "final": final,
             "steps": steps,
         }
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def importance_table(scores: LayerScores, dropped: set[str]) -> ReportTable:
+    """Per-layer importance of each kind, with what was dropped, for the report."""
+    rows = []
+    for layer, values in enumerate(zip(scores.attention, scores.mlp, scores.block)):
+        gone = [kind for kind in ("attention", "mlp", "block") if f"{kind}:{layer}" in dropped]
+        rows.append([layer, *values, ", ".join(gone) or "-"])
+    name = "angular distance" if scores.metric == "angular" else "1 - cos"
+    return ReportTable(
+        f"importance per layer ({name}, {scores.compare}, {scores.n_tokens:,} tokens of {scores.source})",
+        ["layer", "attention", "MLP", "block", "dropped"],
+        rows,
+    )
 
 
 # ---- plot ----------------------------------------------------------------------------------------------

@@ -43,19 +43,17 @@ CLI: ``slimformer convert SRC -o OUT --sas layers=2,heal_steps=200 --eval-ppl st
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from slimformer.converter.errors import SlimformerError
-from slimformer.converter.evaluation import perplexity_of_tokens
 from slimformer.converter.graph import REPLACED, Block, CheckpointGraph, TensorRef
 from slimformer.converter.runtime.masks import visible_keys
 from slimformer.converter.runtime.sas import STANDARD, ShapedAttention, attention_branches
-from slimformer.passes.base import DryRun, Pass, PassContext, register
-from slimformer.passes.healing import HealSettings, distill
+from slimformer.passes.base import DryRun, Pass, PassContext, PassResult, ReportRow, register
+from slimformer.passes.healing import HealingRun, HealSettings, perplexity_rows, require_holdout
 from transformers.models.llama.modeling_llama import repeat_kv
 
 from .fold import fold as fold_maps
@@ -129,7 +127,7 @@ class SasPass(Pass):
     def check(self, dry: DryRun) -> None:
         """Family and head layout, something to do, enough standard layers left, text and a device to heal
         on; then mark the converted layers in the copy (which ones depends on the fit, not known yet)."""
-        from slimformer.converter.conversion import check_device
+        from slimformer.converter.devices import check_device
 
         cfg, graph, ctx = self.config, dry.graph, dry.ctx
         check_supported(graph)
@@ -154,18 +152,14 @@ class SasPass(Pass):
                 "the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
                 fix="add the tokenizer files to the checkpoint",
             )
-        if not ctx.evaluation.ppl and ctx.calibration.samples < 2:
-            raise SlimformerError(
-                "need at least 2 calibration windows to hold some out for perplexity",
-                fix="raise --calib-samples or pass --eval-ppl",
-            )
+        require_holdout(ctx)
         if cfg.heal_device:
             check_device(cfg.heal_device)
         for block in candidates[-cfg.layers :]:
             block.attention.state, block.attention.details["form"] = REPLACED, CONVERTED_FORM
         dry.history.append(f"sas converts {cfg.layers} attention sub-block(s)")
 
-    def run(self, graph: CheckpointGraph, ctx: PassContext) -> dict[str, Any]:
+    def run(self, graph: CheckpointGraph, ctx: PassContext) -> PassResult:
         check_supported(graph)
         changes: dict[str, Any] = {}
         sas_layers = [
@@ -186,7 +180,7 @@ class SasPass(Pass):
                 "the sas pass has nothing to do: the checkpoint has no SAS-form layers and layers=0",
                 fix="give layers=N to convert N attention sub-blocks approximately (e.g. --sas layers=2,heal_steps=200)",
             )
-        return changes
+        return PassResult(notes=_notes(changes), rows=_rows(changes), data=changes)
 
     # ---- 1. exact folds ---------------------------------------------------------------------------------
 
@@ -230,27 +224,10 @@ class SasPass(Pass):
                 "the approximate SAS conversion needs calibration text, but the checkpoint has no tokenizer",
                 fix="add the tokenizer files to the checkpoint",
             )
-        windows = ctx.calibration_windows()
-        if ctx.evaluation.ppl:
-            heal_windows, heldout, ppl_source = windows, None, ctx.evaluation.ppl
-        else:
-            n_heldout = max(1, len(windows) // 8)
-            if len(windows) <= n_heldout:
-                raise SlimformerError(
-                    "need at least 2 calibration windows to hold some out for perplexity",
-                    fix="raise --calib-samples or pass --eval-ppl",
-                )
-            heal_windows, heldout = windows[:-n_heldout], windows[-n_heldout:]
-            ppl_source = f"{n_heldout} held-out calibration window(s) of {windows.shape[1]} tokens"
-        device = cfg.heal_device or ctx.device
-
-        def measure(model: torch.nn.Module) -> float:
-            if heldout is None:
-                return ctx.perplexity(model)
-            return perplexity_of_tokens(model, heldout, window=heldout.shape[1]).perplexity
-
+        run = HealingRun(ctx, self.name, device=cfg.heal_device)
+        heal_windows, ppl_source, device = run.windows, run.source, run.device
         teacher = graph.build_model(device=device)
-        ppl_before = measure(teacher)
+        ppl_before = run.measure(teacher)
         ctx.log(
             f"[sas] perplexity before conversion: {ppl_before:.3f} ({ppl_source}); scoring {len(candidates)} layer(s) ..."
         )
@@ -266,19 +243,11 @@ class SasPass(Pass):
         )
 
         student = graph.build_model(device=device)
-        ppl_after = measure(student)
+        ppl_after = run.measure(student)
         ctx.log(f"[sas] perplexity after conversion: {ppl_after:.3f}")
         heal = None
         ppl_healed = None
         if cfg.heal_steps:
-            epochs = cfg.heal_steps * cfg.heal_batch_size / len(heal_windows)
-            if epochs > 2:
-                # Measured on pycoder-8m (README, SAS): 64 windows seen 6 times healed 2 layers to ppl 32.5, 256 windows
-                # seen 1.6 times to 31.3 -- the converted layers overfit a small calibration set.
-                ctx.log(
-                    f"[sas] note: healing visits each of the {len(heal_windows)} calibration windows {epochs:.1f} times; "
-                    "more windows (--calib-samples) heal better than more passes over few"
-                )
             trainable = trainable_filter(graph, converted, cfg.heal_params)
             settings = HealSettings(
                 steps=cfg.heal_steps,
@@ -287,25 +256,16 @@ class SasPass(Pass):
                 hidden_mse=cfg.hidden_mse,
                 seed=cfg.seed,
             )
-            heal = distill(
+            heal, ppl_healed = run.heal(
+                graph,
                 student,
                 teacher,
-                heal_windows,
                 trainable,
                 settings,
+                params=cfg.heal_params,
+                fix=f"use heal_params={' or '.join(p for p in HEAL_PARAMS if p != cfg.heal_params)}",
                 mse_layers=converted,
-                log=ctx.log,
-                progress=ctx.progress,
             )
-            heal.update(params=cfg.heal_params, epochs=round(epochs, 2))
-            store_parameters(graph, student, trainable)
-            ppl_healed = measure(
-                graph.build_model(device=device)
-            )  # what will be written, not the live student
-            ctx.log(f"[sas] perplexity after healing: {ppl_healed:.3f}")
-            plot = healing_plot(heal)
-            if plot is not None:
-                ctx.artefacts["sas_healing.png"] = plot
         return {
             "approximate": True,
             "note": (
@@ -325,9 +285,56 @@ class SasPass(Pass):
                 "after_conversion": ppl_after,
                 "after_healing": ppl_healed,
             },
-            "calibration": {"windows": len(heal_windows), "seq_len": windows.shape[1]},
+            "measured_on": run.where,
+            "calibration": {"windows": len(heal_windows), "seq_len": heal_windows.shape[1]},
             "heal": heal,
         }
+
+
+# ---- what the report says ---------------------------------------------------------------------------------
+
+
+def _notes(changes: dict[str, Any]) -> list[str]:
+    notes = []
+    fold = changes.get("fold")
+    if fold is not None:
+        if "relative_logit_error" in fold:
+            notes.append(
+                f"folded {len(fold['actions'])} identity map(s) exactly: {fold['params_removed']:,} parameters "
+                f"removed, relative logit error {fold['relative_logit_error']:.2e} on {fold['verified_on']}"
+            )
+        else:
+            notes.append(fold["note"])
+    conversion = changes.get("conversion")
+    if conversion is not None:
+        notes.append(conversion["note"])
+        notes.append(
+            f"converted layer(s) {conversion['converted_layers']} to {conversion['form']}: "
+            f"{conversion['params_removed']:,} parameters removed"
+        )
+        heal = conversion.get("heal")
+        if heal:
+            notes.append(
+                f"healed {heal.get('steps')} step(s) of KL distillation to the original "
+                f"({heal.get('params')} parameters, {heal.get('epochs')} epoch(s) of the calibration windows)"
+            )
+    return notes
+
+
+def _rows(changes: dict[str, Any]) -> list[ReportRow]:
+    conversion = changes.get("conversion")
+    if conversion is None:
+        return []
+    ppl = conversion["perplexity"]
+    return perplexity_rows(
+        ppl["source"],
+        "conversion",
+        ppl["before"],
+        ppl["after_conversion"],
+        ppl["after_healing"],
+        conversion["measured_on"],
+        conversion["heal"],
+    )
 
 
 # ---- checks -----------------------------------------------------------------------------------------------
@@ -499,41 +506,3 @@ def trainable_filter(graph: CheckpointGraph, layers: list[int], which: str) -> C
         return lambda name: name in names
     prefixes = tuple(f"model.layers.{i}." for i in layers)
     return lambda name: name.startswith(prefixes)
-
-
-def store_parameters(
-    graph: CheckpointGraph, model: torch.nn.Module, trainable: Callable[[str], bool]
-) -> None:
-    """Write the model's trained parameters back into the graph, in each tensor's stored dtype."""
-    owners = {name: node for node in graph.nodes() for name in node.tensors}
-    for name, param in model.named_parameters():
-        if trainable(name) and name in owners:
-            old = owners[name].tensors[name]
-            owners[name].tensors[name] = TensorRef.from_tensor(
-                name, param.detach().to("cpu", old.load().dtype).clone()
-            )
-
-
-def healing_plot(heal: dict[str, Any]) -> bytes | None:
-    """A PNG of the healing curve (KL per logged step), or ``None`` without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    history = heal["history"]
-    fig, ax = plt.subplots(figsize=(5, 3))
-    # Every logged step is a point; markers only while there are few enough to tell apart.
-    ax.plot(
-        [h["step"] for h in history], [h["kl"] for h in history], marker="o" if len(history) <= 60 else None
-    )
-    ax.set_xlabel("healing step")
-    ax.set_ylabel("KL(teacher || student)")
-    ax.set_title("sas: healing by distillation")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
