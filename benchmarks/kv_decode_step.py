@@ -140,8 +140,10 @@ def speed(model: torch.nn.Module, budgets: list[int], steps: int, warmup: int) -
     return rows
 
 
-def memory_curve(model: torch.nn.Module, budget: int, tokens: int) -> list[dict[str, float]]:
-    cache = EvictingCache({"policy": "a2sf", "alpha": 0.5, "budget": budget})
+def memory_curve(
+    model: torch.nn.Module, budget: int, tokens: int, policy: str = "a2sf"
+) -> list[dict[str, float]]:
+    cache = EvictingCache({**POLICIES[policy], "budget": budget})
     prompt = torch.randint(
         10, model.config.vocab_size - 10, (1, 64), generator=torch.Generator().manual_seed(1)
     )
