@@ -56,6 +56,16 @@ source_safety_options = _options(
 )
 
 
+output_dir_option = click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory (must not exist unless --overwrite).",
+)
+
+
 def compute_options(device_note: str = "", dtype_note: str = "") -> Callable[[Callable], Callable]:
     return _options(
         click.option("--device", default="cpu", show_default=True, help=DEVICE_HELP + device_note),
@@ -175,14 +185,7 @@ def cli(debug: bool) -> None:
 
 @cli.command(context_settings=CONTEXT, cls=PassOptionsCommand)
 @click.argument("source")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output directory (must not exist unless --overwrite).",
-)
+@output_dir_option
 @click.option(
     "--pipeline",
     "pipeline_file",
@@ -884,14 +887,7 @@ def export() -> None:
 
 @export.command("onnx", context_settings=CONTEXT)
 @click.argument("ckpt")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output directory (must not exist unless --overwrite).",
-)
+@output_dir_option
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (18-20).")
 @click.option(
     "--dtype",
@@ -951,14 +947,7 @@ def export_onnx(
 
 @export.command("vllm", context_settings=CONTEXT)
 @click.argument("ckpt")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output directory (must not exist unless --overwrite).",
-)
+@output_dir_option
 @click.option(
     "--pad-head-dim",
     type=int,

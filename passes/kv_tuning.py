@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 from slimformer.converter.errors import SlimformerError
+from slimformer.converter.evaluation.common import _token_logprobs
+from slimformer.converter.evaluation.eviction import feed_continuation
 from slimformer.converter.runtime.kv_cache import CachePolicy, EvictingCache, EvictingLayer
 from slimformer.converter.runtime.masks import grouped_probabilities
 
@@ -110,11 +112,6 @@ class PrefillRecord:
     @property
     def batch(self) -> int:
         return self.continuation.shape[0]
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # float64, as converter.evaluation scores tokens, so the two protocols agree to the last digit.
-    return torch.log_softmax(logits.double(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def record_prefill(model: torch.nn.Module, prompt: torch.Tensor, continuation: torch.Tensor) -> PrefillRecord:
@@ -223,24 +220,10 @@ def continuation_logprobs(
 ) -> torch.Tensor:
     """``log p`` ``[B, C]`` of the continuation fed ``chunk`` tokens per forward through ``cache`` (the
     prompt already in it): ``chunk=1`` evicts while decoding; ``chunk >= C`` scores the whole continuation
-    against the prefill-compressed cache (prefill-only compression). As ``eviction._decoded_logprobs``."""
-    cont = record.continuation
-    batch, n_cont = cont.shape
-    mask = torch.ones(batch, record.prompt_len + n_cont, dtype=torch.long, device=cont.device)
-    pieces = [record.first_logprobs]
-    fed = record.prompt_len
+    against the prefill-compressed cache (prefill-only compression). The feeding is ``eviction.feed_continuation``, the decode protocol's own."""
     with torch.inference_mode():
-        for start in range(0, n_cont - 1, chunk):
-            stop = min(start + chunk, n_cont - 1)
-            out = model(
-                input_ids=cont[:, start:stop],
-                attention_mask=mask[:, : fed + stop - start],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            fed += stop - start
-            pieces.append(_token_logprobs(out.logits, cont[:, start + 1 : stop + 1]))
-    return torch.cat(pieces, dim=1)
+        rest = feed_continuation(model, cache, record.continuation, record.prompt_len, chunk)
+    return torch.cat([record.first_logprobs, rest], dim=1)
 
 
 def window_nll(

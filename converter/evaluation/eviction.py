@@ -94,10 +94,27 @@ def _decoded_logprobs(
             "the model returned no past_key_values with use_cache=True, so decoding cannot be measured",
             fix="measure a model that supports a KV cache",
         )
-    pieces = [_token_logprobs(out.logits[:, -1:], continuation[:, :1])]
+    first = _token_logprobs(out.logits[:, -1:], continuation[:, :1])
     on_tokens(1)
+    rest = feed_continuation(model, cache, continuation, prompt_len, chunk, on_tokens)
+    return torch.cat([first, rest], dim=1), cache
+
+
+def feed_continuation(
+    model: torch.nn.Module,
+    cache: Any,
+    continuation: torch.Tensor,
+    prompt_len: int,
+    chunk: int,
+    on_tokens: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """``log p`` ``[B, C - 1]`` of continuation tokens 1.. when ``continuation`` is teacher-forced ``chunk``
+    tokens per forward through ``cache``, which already holds the ``prompt_len``-token prompt (token 0 is
+    predicted by the prefill). The last continuation token is only ever predicted, never fed."""
+    batch, n_cont = continuation.shape
+    mask = torch.ones(batch, prompt_len + n_cont, dtype=torch.long, device=continuation.device)
+    pieces = [torch.zeros(batch, 0, dtype=torch.float64, device=continuation.device)]
     fed = prompt_len
-    # The last continuation token is only ever predicted, never fed.
     for start in range(0, n_cont - 1, chunk):
         stop = min(start + chunk, n_cont - 1)
         out = model(
@@ -108,8 +125,9 @@ def _decoded_logprobs(
         )
         fed += stop - start
         pieces.append(_token_logprobs(out.logits, continuation[:, start + 1 : stop + 1]))
-        on_tokens(stop - start)
-    return torch.cat(pieces, dim=1), cache
+        if on_tokens is not None:
+            on_tokens(stop - start)
+    return torch.cat(pieces, dim=1)
 
 
 def _full_cache_logprobs(

@@ -295,6 +295,28 @@ def drop_module(
     return saved
 
 
+def _check_inputs(cfg: LayerDropConfig, graph: CheckpointGraph, ctx: PassContext) -> None:
+    """What the pass needs besides counts: a decoder and an evaluation source for a quality target, a
+    tokenizer to score, and healing options that fit (checked before work and again at run time)."""
+    if cfg.max_ppl_increase is not None:
+        if graph.is_encoder:
+            raise SlimformerError(
+                "--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
+                fix="give a count instead, e.g. --drop attn:2",
+            )
+        if ctx.evaluation.ppl is None:
+            raise SlimformerError(
+                "--max-ppl-increase needs a held-out evaluation source",
+                fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)",
+            )
+    if ctx.tokenizer is None:
+        raise SlimformerError(
+            "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
+            fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
+        )
+    _check_healing(cfg, graph, ctx)
+
+
 def _release_cache_slots(graph: CheckpointGraph) -> None:
     """A dropped attention has no KV-cache slot: clear the slot summary an earlier a2sf pass left on it."""
     for block in graph.blocks:
@@ -380,23 +402,7 @@ class LayerDrop(Pass):
             limit = spec.resolve(graph, text)
         except SlimformerError as exc:
             raise SlimformerError(exc.what + dry.after(), where=exc.where, fix=exc.fix) from None
-        if cfg.max_ppl_increase is not None:
-            if graph.is_encoder:
-                raise SlimformerError(
-                    "--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
-                    fix="give a count instead, e.g. --drop attn:2",
-                )
-            if ctx.evaluation.ppl is None:
-                raise SlimformerError(
-                    "--max-ppl-increase needs a held-out evaluation source",
-                    fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)",
-                )
-        if ctx.tokenizer is None:
-            raise SlimformerError(
-                "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
-                fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
-            )
-        _check_healing(cfg, graph, ctx)
+        _check_inputs(cfg, graph, ctx)
         kinds = {
             "attention": ["attention"],
             "mlp": ["mlp"],
@@ -425,23 +431,7 @@ class LayerDrop(Pass):
         text = cfg.drop or "attn"
         spec = DropSpec.parse(text)
         limit = spec.resolve(graph, text)
-        if cfg.max_ppl_increase is not None:
-            if graph.is_encoder:
-                raise SlimformerError(
-                    "--max-ppl-increase needs a causal language model; this checkpoint is an encoder",
-                    fix="give a count instead, e.g. --drop attn:2",
-                )
-            if ctx.evaluation.ppl is None:
-                raise SlimformerError(
-                    "--max-ppl-increase needs a held-out evaluation source",
-                    fix="add --eval-ppl SPEC (e.g. --eval-ppl stdlib:valid)",
-                )
-        if ctx.tokenizer is None:
-            raise SlimformerError(
-                "layer_drop scores on calibration text, but the checkpoint has no tokenizer",
-                fix="add the tokenizer files (tokenizer.json / tokenizer_config.json) to the checkpoint",
-            )
-        _check_healing(cfg, graph, ctx)
+        _check_inputs(cfg, graph, ctx)
 
         self._ctx, self._graph = ctx, graph
         # The teacher of healing is the graph before dropping: a copy of its structure, same tensors.
