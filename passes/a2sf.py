@@ -309,6 +309,7 @@ class A2SFPass(Pass):
         if self.config.tunes and policy.evicts:
             policy, tuning, tuning_notes = _tune(graph, ctx, self.config, policy, len(slots))
             _checked(lambda: policy.validate(num_slots=len(slots)))
+        policy = policy.with_defaults()  # stored resolved: the checkpoint must not follow later defaults
         _assign_slots(graph, policy)
         if not policy.evicts:
             return PassResult(
@@ -431,7 +432,7 @@ def _tune(
 def _assign_slots(graph: CheckpointGraph, policy: CachePolicy) -> None:
     """Store the policy in the graph and its summary on each cache slot (layers keeping attention);
     ``policy=none`` leaves the plain growing cache, as if the pass had not run."""
-    graph.kv_cache = policy.to_dict() if policy.evicts else None
+    graph.kv_cache = policy.with_defaults().to_dict() if policy.evicts else None
     slots = [block for block in graph.blocks if block.attention.kept]
     for block in graph.blocks:
         block.cache_policy = None

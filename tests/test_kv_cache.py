@@ -203,7 +203,7 @@ CASES = {
         [LayerLimits(8, 1, 3)] * 2,
         0.5,
     ),
-    "a2sf-default-split": Case(CachePolicy("a2sf", budget=8), [LayerLimits(8, 0, 6)] * 2, 0.9),
+    "a2sf-default-split": Case(CachePolicy("a2sf", budget=8), [LayerLimits(8, 0, 4)] * 2, 1.0),
     "a2sf-0.9": Case(CachePolicy("a2sf", budget=8, alpha=0.9, recent=2), [LayerLimits(8, 0, 2)] * 2, 0.9),
     "h2o-layer-budgets": Case(
         CachePolicy("h2o", layer_budgets=[6, 9], recent=2, sink=1),
@@ -468,7 +468,7 @@ def test_score_window_error_is_within_bound_and_chunking_is_exact() -> None:
 
 def test_budget_ratio_resolves_against_the_prompt() -> None:
     policy = CachePolicy("a2sf", budget_ratio=0.25)
-    assert policy.limits(0, 40) == LayerLimits(budget=10, sink=0, recent=7)
+    assert policy.limits(0, 40) == LayerLimits(budget=10, sink=0, recent=5)
     assert CachePolicy("streaming", budget_ratio=0.5).limits(0, 20) == LayerLimits(
         budget=10, sink=4, recent=6
     )
@@ -536,9 +536,9 @@ def test_token_budgets_keep_exactly_what_was_asked(policy: CachePolicy, expected
             {"budget": 8, "recent": 6, "sink": 4},
             "kv_cache budget 8 is smaller than sink 4 + recent 6; raise budget to at least 10, or lower sink or recent",
         ),
-        (  # the default recent window is 75% of the budget, so 10 is not enough: 13 - 9 >= 4
-            {"budget": 8, "sink": 4},
-            "kv_cache budget 8 is smaller than sink 4 + recent 6; raise budget to at least 13, or lower sink or "
+        (  # the default recent window is 50% of the budget, so 6 is not enough: 7 - 3 >= 4
+            {"budget": 6, "sink": 4},
+            "kv_cache budget 6 is smaller than sink 4 + recent 3; raise budget to at least 7, or lower sink or "
             "recent_ratio",
         ),
         (
@@ -566,10 +566,10 @@ def test_policy_defaults_and_round_trip() -> None:
     assert CachePolicy.from_dict(policy.to_dict()) == policy
     assert CachePolicy.parse("policy=h2o, budget=256").effective_alpha == 1.0
     assert CachePolicy.parse("layer_budgets=6:9,recent=2").layer_budgets == [6, 9]
-    # Defaults as measured (benchmarks/a2sf_quality.py; DESIGN.md §3): alpha 0.9, 75% recent, no sinks.
+    # Defaults as measured on SmolLM2-135M (benchmarks/a2sf_smollm2.py): alpha 1, 50% recent, no sinks.
     default = CachePolicy.parse("budget=76")
-    assert default.policy == "a2sf" and default.effective_alpha == 0.9
-    assert default.limits(slot=0, prompt_len=384) == LayerLimits(budget=76, sink=0, recent=57)
+    assert default.policy == "a2sf" and default.effective_alpha == 1.0
+    assert default.limits(slot=0, prompt_len=384) == LayerLimits(budget=76, sink=0, recent=38)
     assert CachePolicy.parse("").policy == "none"
     assert isinstance(new_cache(tiny_model("sdpa").config), DynamicCache)
 
@@ -651,3 +651,20 @@ def test_stories260k_eviction_matches_masked_reference() -> None:
     limits = [LayerLimits(12, 1, 6)] * config.num_hidden_layers
     cache = run_against_reference(model, policy, ids, steps, limits, 0.5)
     assert cache.kept_lengths() == [12] * config.num_hidden_layers
+
+
+def test_stored_policies_keep_their_meaning_when_defaults_change() -> None:
+    """The a2sf pass stores alpha and the recent split resolved (format 3); a format-2 table that left them
+    unset was written under alpha 0.9 / 75% recent and still reads that way."""
+    resolved = CachePolicy("a2sf", budget=64).with_defaults()
+    assert (resolved.alpha, resolved.recent_ratio) == (1.0, 0.5)
+    assert CachePolicy.from_dict(resolved.to_dict()) == resolved
+    assert resolved.to_dict()["format"] == 3
+    old = CachePolicy.from_dict({"format": 2, "policy": "a2sf", "budget": 64})
+    assert (old.effective_alpha, old.limits(0, 0).recent) == (0.9, 48)
+    # Only what was unset is filled, and only where the policy has the option.
+    assert CachePolicy.from_dict({"format": 2, "policy": "a2sf", "budget": 64, "alpha": 0.5, "recent": 8}) == (
+        CachePolicy("a2sf", budget=64, alpha=0.5, recent=8)
+    )
+    assert CachePolicy("h2o", budget=64).with_defaults() == CachePolicy("h2o", budget=64, recent_ratio=0.5)
+    assert CachePolicy("streaming", budget=64).with_defaults() == CachePolicy("streaming", budget=64)

@@ -63,8 +63,11 @@ DEFAULT_CHUNK_SIZE = 128
 SLOT_BOOKKEEPING_BYTES = 4 + 1 + 8 + 8 + 8
 # ``SteadyGroup.until`` of a sink token: a count of tokens no sequence reaches, so sinks never expire.
 NEVER = torch.iinfo(torch.int64).max // 2
-# Version of config.json's kv_cache table: 1 had no version field; 2 adds it (same fields otherwise).
-KV_CACHE_FORMAT = 2
+# Version of config.json's kv_cache table: 1 had no version field; 2 added it; 3 (2026-12-04) is written with
+# the scoring defaults resolved (``with_defaults``), so a checkpoint keeps its meaning when a default changes.
+KV_CACHE_FORMAT = 3
+# What a format-2 table that left alpha / the recent split unset meant: the defaults it was written under.
+FORMAT_2_DEFAULTS = {"alpha": 0.9, "recent_ratio": 0.75}
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_RECENT_RATIO",
@@ -152,8 +155,24 @@ class CachePolicy:
         if unknown:
             raise ValueError(f"unknown kv_cache field(s) {unknown}; known fields: {sorted(names)}")
         policy = cls(**data)
+        if written == 2:
+            policy = policy.with_defaults(**FORMAT_2_DEFAULTS)
         policy.validate()
         return policy
+
+    def with_defaults(
+        self, alpha: float = DEFAULT_ALPHA, recent_ratio: float = DEFAULT_RECENT_RATIO
+    ) -> CachePolicy:
+        """This policy with its unset scoring options filled in: ``alpha`` for a2sf, the recent split for the
+        policies that protect one. The a2sf pass stores this form, so a stored policy does not depend on the
+        defaults of the runtime that later reads it."""
+        fields = self.kind.fields
+        changes: dict[str, Any] = {}
+        if "alpha" in fields and self.alpha is None and self.policy == "a2sf":
+            changes["alpha"] = alpha
+        if "recent_ratio" in fields and self.recent is None and self.recent_ratio is None:
+            changes["recent_ratio"] = recent_ratio
+        return dataclasses.replace(self, **changes) if changes else self
 
     @classmethod
     def parse(cls, text: str) -> CachePolicy:
