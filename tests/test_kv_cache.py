@@ -663,8 +663,8 @@ def test_stored_policies_keep_their_meaning_when_defaults_change() -> None:
     old = CachePolicy.from_dict({"format": 2, "policy": "a2sf", "budget": 64})
     assert (old.effective_alpha, old.limits(0, 0).recent) == (0.9, 48)
     # Only what was unset is filled, and only where the policy has the option.
-    assert CachePolicy.from_dict({"format": 2, "policy": "a2sf", "budget": 64, "alpha": 0.5, "recent": 8}) == (
-        CachePolicy("a2sf", budget=64, alpha=0.5, recent=8)
-    )
+    assert CachePolicy.from_dict(
+        {"format": 2, "policy": "a2sf", "budget": 64, "alpha": 0.5, "recent": 8}
+    ) == (CachePolicy("a2sf", budget=64, alpha=0.5, recent=8))
     assert CachePolicy("h2o", budget=64).with_defaults() == CachePolicy("h2o", budget=64, recent_ratio=0.5)
     assert CachePolicy("streaming", budget=64).with_defaults() == CachePolicy("streaming", budget=64)
