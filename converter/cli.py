@@ -35,6 +35,9 @@ QUIET_HELP = "No progress or log lines on stderr; results still go to stdout and
 WINDOW_HELP = "Tokens per perplexity window."
 MAX_TOKENS_HELP = "Evaluate at most this many tokens of the perplexity source."
 PPL_HELP = "Perplexity text source: file, directory, 'stdlib[:valid]' or 'hf:NAME[:CONFIG][:SPLIT]'."
+# The directory `eval --tasks` looks task names up in by default; the same variable as
+# converter.evaluation.EVALS_DIR_ENV (named here too, so that --help does not import torch).
+EVALS_DIR_ENV = "SLIMFORMER_EVALS_DIR"
 DEBUG = {"on": False}  # tracebacks too: SLIMFORMER_DEBUG=1 (read by main()) or --debug
 
 
@@ -614,8 +617,20 @@ def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bo
     "--ppl",
     "--eval-ppl",
     "ppl_source",
-    required=True,
     help=PPL_HELP + " --eval-ppl is the same flag, as in convert.",
+)
+@click.option(
+    "--tasks",
+    help="Zero-shot multiple-choice accuracy on these tasks, comma-separated: names (NAME.jsonl in "
+    "--evals-dir) or paths of llm-foundry ICL .jsonl files, e.g. arc_easy,piqa,copa.",
+)
+@click.option(
+    "--evals-dir",
+    type=click.Path(path_type=Path),
+    help=f"With --tasks: the directory task names are looked up in (default: ${EVALS_DIR_ENV}).",
+)
+@click.option(
+    "--limit", type=int, help="With --tasks: score the first N examples of each task (default: all)."
 )
 @click.option("--window", default=256, show_default=True, help=WINDOW_HELP)
 @click.option("--stride", type=int, help="Advance between windows (default: window, i.e. disjoint windows).")
@@ -632,17 +647,24 @@ def _load(ckpt: str, device: str, dtype: str, a2sf: str | None, allow_pickle: bo
 @click.option(
     "--chunk",
     type=int,
-    help="Under eviction: continuation tokens fed per forward (default 1: token by token).",
+    help="Under eviction: continuation (or, with --tasks, choice) tokens fed per forward "
+    "(default 1: token by token).",
 )
 @click.option(
-    "--json", "json_path", type=click.Path(path_type=Path), help="Also write the result as JSON to this file."
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    help="Also write the results as JSON to this file.",
 )
 @compute_options()
 @source_safety_options
 @quiet_option()
 def eval_command(
     ckpt: str,
-    ppl_source: str,
+    ppl_source: str | None,
+    tasks: str | None,
+    evals_dir: Path | None,
+    limit: int | None,
     window: int,
     stride: int | None,
     max_tokens: int,
@@ -656,31 +678,74 @@ def eval_command(
     trust_remote_code: bool,
     quiet: bool,
 ) -> None:
-    """Measure perplexity of CKPT (converted or original) and print `perplexity: <value>`.
+    """Measure CKPT (converted or original): perplexity (--ppl) and/or zero-shot accuracy (--tasks).
+
+    \b
+    --ppl prints `perplexity: <value>`. --tasks prints one line per task,
+    `arc_easy: acc 0.5430 ± 0.0223, acc_norm 0.4890 ± 0.0224 (n=500)` (stderrs as lm-eval computes
+    them), and their average when there are several; each choice is scored by log-likelihood as
+    lm-evaluation-harness does.
 
     \b
     When a KV-cache policy that evicts is active (stored in CKPT by the a2sf pass, or given with --a2sf),
-    scoring a window in one forward would never see the eviction, so each window is split: its first
-    tokens are the prompt (prefilled, then the cache evicts down to its budget) and its last
-    --continuation tokens are decoded --chunk at a time through that cache and scored. A second line
-    gives the full-cache perplexity of the same tokens and the difference.
+    scoring in one forward would never see the eviction, so the decode protocol is used. Perplexity: each
+    window's first tokens are the prompt (prefilled, then the cache evicts down to its budget) and its
+    last --continuation tokens are decoded --chunk at a time through that cache and scored; a second line
+    gives the full-cache perplexity of the same tokens and the difference. Tasks: each question is the
+    prompt (a budget_ratio is a fraction of it) and each choice is decoded --chunk tokens at a time
+    through the evicted cache; the output says so (compare with --a2sf policy=none for the full cache).
 
     \b
     Examples:
       slimformer eval out --ppl stdlib:valid
       slimformer eval out --ppl wiki.test.raw --window 512 --stride 256 --json ppl.json
       slimformer eval out --ppl stdlib:valid --window 512 --a2sf budget_ratio=0.2,alpha=0.1
+      slimformer eval out --tasks arc_easy,piqa --evals-dir ../shared/data/evals --limit 200
+      slimformer eval out --tasks copa.jsonl --a2sf budget_ratio=0.5 --json copa.json
     """
     from .calibration import check_source
-    from .evaluation import eviction_perplexity, perplexity
 
     # The arguments first: loading a large model to then refuse --window -3 would waste minutes.
+    _check_eval_targets(ppl_source, tasks, limit, evals_dir)
     _check_eval_arguments(window, stride, max_tokens, continuation, chunk)
+    task_paths = _resolve_tasks(tasks, evals_dir, limit) if tasks is not None else {}
     _check_json_path(json_path)
-    check_source(ppl_source, flag="--ppl")
-    _require_decoder(ckpt, allow_pickle, trust_remote_code, "perplexity")
+    if ppl_source:
+        check_source(ppl_source, flag="--ppl")
+    _kv_cache_override(a2sf)  # a bad --a2sf fails here, before the weights are read
+    measured = "perplexity" if not task_paths else "evaluation" if ppl_source else "multiple-choice accuracy"
+    _require_decoder(ckpt, allow_pickle, trust_remote_code, measured)
     model, tokenizer = _load(ckpt, device, dtype, a2sf, allow_pickle, trust_remote_code)
     policy = _active_policy(model, ckpt)
+    record: dict[str, Any] = {"checkpoint": ckpt}
+    if ppl_source:
+        record.update(
+            _eval_perplexity(
+                model, tokenizer, ppl_source, policy, window, stride, max_tokens, continuation, chunk, quiet
+            )
+        )
+    if task_paths:
+        record["multiple_choice"] = _eval_tasks(model, tokenizer, task_paths, limit, policy, chunk, quiet)
+    if json_path:
+        json_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def _eval_perplexity(
+    model: Any,
+    tokenizer: Any,
+    ppl_source: str,
+    policy: Any,
+    window: int,
+    stride: int | None,
+    max_tokens: int,
+    continuation: int | None,
+    chunk: int | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Perplexity (under eviction: the decode protocol, with the full cache's number beside it), printed;
+    the JSON fields of the result."""
+    from .evaluation import eviction_perplexity, perplexity
+
     if policy is None and continuation is None and chunk is None:
         result = perplexity(
             model,
@@ -692,33 +757,205 @@ def eval_command(
             progress=not quiet,
         )
         click.echo(f"perplexity: {result.perplexity:.4f}")
-        record = {"checkpoint": ckpt, **result.to_dict()}
-    else:
-        if stride is not None:
+        return result.to_dict()
+    if stride is not None:
+        raise SlimformerError(
+            "--stride does not apply to perplexity under KV-cache eviction (windows are disjoint)",
+            fix="drop --stride, or measure the full cache with --a2sf policy=none",
+        )
+    # The model's own cache is the active policy (load_model applied any --a2sf override to its config).
+    result = eviction_perplexity(
+        model,
+        tokenizer,
+        ppl_source,
+        window=window,
+        continuation=continuation,
+        chunk=chunk or 1,
+        max_tokens=max_tokens,
+        progress=not quiet,
+    )
+    click.echo(f"perplexity: {result.perplexity:.4f}")
+    click.echo(
+        f"full-cache perplexity of the same tokens: {result.full_cache_perplexity:.4f} "
+        f"({result.increase_pct:+.2f}% from eviction; {result.n_windows} windows of {result.prompt_len} prompt + "
+        f"{result.continuation} decoded tokens, chunk {result.chunk}, cache held {result.cache_tokens} tokens/slot)"
+    )
+    return {"kv_cache": policy.to_dict() if policy else None, **result.to_dict()}
+
+
+# Options of `eval` that only shape the perplexity measurement, and those that only shape --tasks.
+PPL_ONLY_OPTIONS = ("window", "stride", "max_tokens", "continuation")
+TASK_ONLY_OPTIONS = ("limit", "evals_dir")
+
+
+def _given(name: str) -> bool:
+    """Whether option ``name`` of the running command was set by the user rather than left at its default."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _flags(names: list[str]) -> str:
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+def _check_eval_targets(
+    ppl_source: str | None, tasks: str | None, limit: int | None, evals_dir: Path | None
+) -> None:
+    """At least one measurement, and no option that belongs to the one not asked for."""
+    if not ppl_source and tasks is None:
+        raise SlimformerError(
+            "slimformer eval needs something to measure: --ppl, --tasks, or both",
+            fix="add --ppl SOURCE (e.g. --ppl stdlib:valid) and/or --tasks NAMES "
+            "(e.g. --tasks arc_easy,piqa --evals-dir DIR)",
+        )
+    stray = [name for name in PPL_ONLY_OPTIONS if not ppl_source and _given(name)]
+    if stray:
+        raise SlimformerError(
+            f"{_flags(stray)} set the perplexity measurement, and no --ppl was given",
+            fix="add --ppl SOURCE (e.g. --ppl stdlib:valid), or drop them",
+        )
+    stray = [name for name in TASK_ONLY_OPTIONS if tasks is None and _given(name)]
+    if stray:
+        raise SlimformerError(
+            f"{_flags(stray)} apply to --tasks, and no --tasks was given",
+            fix="add --tasks NAMES (e.g. --tasks arc_easy,piqa), or drop them",
+        )
+    if limit is not None and limit < 1:
+        raise SlimformerError(
+            f"--limit must be at least 1 (got {limit})",
+            fix="e.g. --limit 200 (the first 200 examples of each task), or leave it out for all",
+        )
+
+
+def _resolve_tasks(tasks: str, evals_dir: Path | None, limit: int | None) -> dict[str, Path]:
+    """Task name -> its .jsonl file, each file read and checked now (a bad line fails before the model loads)."""
+    from .evaluation.multiple_choice import _load_examples
+
+    items = [item.strip() for item in tasks.split(",") if item.strip()]
+    if not items:
+        raise SlimformerError(
+            f"--tasks is empty (got {tasks!r})", fix="name tasks, e.g. --tasks arc_easy,piqa,copa"
+        )
+    directory = evals_dir if evals_dir is not None else os.environ.get(EVALS_DIR_ENV) or None
+    if directory is not None and not Path(directory).expanduser().is_dir():
+        flag = "--evals-dir" if evals_dir is not None else EVALS_DIR_ENV
+        raise SlimformerError(
+            f"the tasks directory ({flag}) does not exist",
+            where=str(directory),
+            fix=f"point {flag} at the directory holding the task .jsonl files",
+        )
+    resolved: dict[str, Path] = {}
+    for item in items:
+        path = _task_path(item, Path(directory).expanduser() if directory is not None else None)
+        name = path.name.removesuffix(".jsonl")
+        if name in resolved and resolved[name] != path:
             raise SlimformerError(
-                "--stride does not apply to perplexity under KV-cache eviction (windows are disjoint)",
-                fix="drop --stride, or measure the full cache with --a2sf policy=none",
+                f"two tasks are named {name!r} ({resolved[name]} and {path})",
+                fix="give each task once, or rename one file",
             )
-        # The model's own cache is the active policy (load_model applied any --a2sf override to its config).
-        result = eviction_perplexity(
-            model,
-            tokenizer,
-            ppl_source,
-            window=window,
-            continuation=continuation,
-            chunk=chunk or 1,
-            max_tokens=max_tokens,
-            progress=not quiet,
+        _load_examples(path, limit)
+        resolved[name] = path
+    return resolved
+
+
+def _task_path(item: str, directory: Path | None) -> Path:
+    path = Path(item).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise SlimformerError(
+            "a --tasks entry must be a .jsonl file or a task name, not a directory",
+            where=str(path),
+            fix=f"pass the directory as --evals-dir {path} and name the tasks in it",
         )
-        click.echo(f"perplexity: {result.perplexity:.4f}")
+    named = len(path.parts) == 1
+    if named and directory is not None:
+        candidate = directory / (path.name if path.suffix == ".jsonl" else f"{path.name}.jsonl")
+        if candidate.is_file():
+            return candidate
+        available = sorted(p.name.removesuffix(".jsonl") for p in directory.glob("*.jsonl"))
+        listing = f"tasks there: {', '.join(available)}" if available else "it holds no .jsonl files"
+        raise SlimformerError(
+            f"unknown task {item!r}: no {candidate.name} in the tasks directory ({listing})",
+            where=str(directory),
+            fix="name one of the tasks there, give the path of a .jsonl file, "
+            "or point --evals-dir at the directory that holds it",
+        )
+    if named:
+        raise SlimformerError(
+            f"task {item!r} is not a file, and no tasks directory is set to look its name up in",
+            fix=f"pass --evals-dir DIR (or set {EVALS_DIR_ENV}) to the directory of the task .jsonl files, "
+            "or give the file's path",
+        )
+    raise SlimformerError(
+        "task file not found", where=str(path), fix="give the path of an llm-foundry ICL .jsonl file"
+    )
+
+
+def _describe_policy(policy: Any) -> str:
+    """``policy=a2sf, budget_ratio=0.5, alpha=1.0``: the fields set, without the bookkeeping ones."""
+    fields = policy.to_dict()
+    return ", ".join(
+        f"{key}={value}"
+        for key, value in fields.items()
+        if value is not None and key not in ("format", "chunk_size")
+    )
+
+
+def _eval_tasks(
+    model: Any,
+    tokenizer: Any,
+    task_paths: dict[str, Path],
+    limit: int | None,
+    policy: Any,
+    chunk: int | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Zero-shot accuracy on each task (printed as it finishes); the JSON block of every result."""
+    from .evaluation import multiple_choice_accuracy
+
+    # Under eviction, the question is the prompt and each choice is decoded through the evicted cache: in one
+    # forward the cache would only evict after the choice was already scored. None = the model's own cache.
+    decode_chunk = (chunk or 1) if policy is not None or chunk is not None else None
+    if decode_chunk is not None:
+        cache = f"KV-cache eviction ({_describe_policy(policy)})" if policy is not None else "the full cache"
         click.echo(
-            f"full-cache perplexity of the same tokens: {result.full_cache_perplexity:.4f} "
-            f"({result.increase_pct:+.2f}% from eviction; {result.n_windows} windows of {result.prompt_len} prompt + "
-            f"{result.continuation} decoded tokens, chunk {result.chunk}, cache held {result.cache_tokens} tokens/slot)"
+            f"multiple choice under {cache}, decode protocol: each question is prefilled as the prompt "
+            f"(then evicted to the budget), each choice decoded {decode_chunk} token(s) per forward through "
+            "that cache and scored"
         )
-        record = {"checkpoint": ckpt, "kv_cache": policy.to_dict() if policy else None, **result.to_dict()}
-    if json_path:
-        json_path.write_text(json.dumps(record, indent=2) + "\n")
+    results = {}
+    for name, path in task_paths.items():
+        if not quiet:
+            click.echo(f"[slimformer] {name}: scoring {path}", err=True)
+        result = multiple_choice_accuracy(
+            model, tokenizer, str(path), limit=limit, progress=not quiet, decode_chunk=decode_chunk
+        )
+        results[name] = result.to_dict()
+        click.echo(
+            f"{name}: acc {_with_stderr(result.acc, result.acc_stderr)}, "
+            f"acc_norm {_with_stderr(result.acc_norm, result.acc_norm_stderr)} (n={result.n})"
+        )
+    block: dict[str, Any] = {
+        "protocol": "decode" if decode_chunk is not None else "one forward",
+        "decode_chunk": decode_chunk,
+        "kv_cache": policy.to_dict() if policy is not None else None,
+        "limit": limit,
+        "tasks": results,
+    }
+    if len(results) > 1:
+        average = {key: sum(r[key] for r in results.values()) / len(results) for key in ("acc", "acc_norm")}
+        click.echo(
+            f"average over {len(results)} tasks: acc {average['acc']:.4f}, acc_norm {average['acc_norm']:.4f}"
+        )
+        block["average"] = average
+    return block
+
+
+def _with_stderr(value: float, stderr: float | None) -> str:
+    return f"{value:.4f} ± {stderr:.4f}" if stderr is not None else f"{value:.4f}"
 
 
 def _check_eval_arguments(

@@ -42,6 +42,10 @@ class MCResult:
     # The choice ``acc`` picked for each example, in file order: two runs (say with and without KV-cache
     # eviction) can then be compared example by example, which still means something at chance accuracy.
     predictions: tuple[int, ...] = ()
+    # The choice ``acc_norm`` picked, and the gold answer, per example: with them every per-example
+    # correctness (for a paired comparison of two models, say) can be recomputed from a result alone.
+    norm_predictions: tuple[int, ...] = ()
+    golds: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -374,15 +378,16 @@ def multiple_choice_accuracy(
     )
 
     correct = correct_norm = 0
-    predictions = []
+    predictions, norm_predictions = [], []
     offset = 0
     for example in examples:
         own = scores[offset : offset + len(example.requests)]
         offset += len(example.requests)
         normalised = [score / max(length, 1) for score, length in zip(own, example.norm_lengths)]
         predictions.append(max(range(len(own)), key=own.__getitem__))
+        norm_predictions.append(max(range(len(own)), key=normalised.__getitem__))
         correct += predictions[-1] == example.gold
-        correct_norm += max(range(len(own)), key=normalised.__getitem__) == example.gold
+        correct_norm += norm_predictions[-1] == example.gold
 
     n = len(examples)
     acc, acc_norm = correct / n, correct_norm / n
@@ -395,4 +400,6 @@ def multiple_choice_accuracy(
         acc_stderr=_stderr(acc, n),
         acc_norm_stderr=_stderr(acc_norm, n),
         predictions=tuple(predictions),
+        norm_predictions=tuple(norm_predictions),
+        golds=tuple(example.gold for example in examples),
     )
