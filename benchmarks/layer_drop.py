@@ -567,6 +567,9 @@ HEAL_PRESETS = {
     "attn8": "drop=attn:8,heal_steps=48,heal_lr=1e-4,heal_batch_size=2,heal_params=all,samples=64",
     "attn4": "drop=attn:4,heal_steps=24,heal_lr=1e-4,heal_batch_size=2,heal_params=all,samples=64",
     "attn8-lr3e-4": "drop=attn:8,heal_steps=48,heal_lr=3e-4,heal_batch_size=2,heal_params=all,samples=64",
+    # Longer healing on more text, each window seen once (1.0 epoch): about 6 core-seconds a step on an idle core.
+    "attn8-80steps": "drop=attn:8,heal_steps=80,heal_lr=1e-4,heal_batch_size=2,heal_params=all,samples=160",
+    "attn8-128steps": "drop=attn:8,heal_steps=128,heal_lr=1e-4,heal_batch_size=2,heal_params=all,samples=256",
 }
 PARTS = Path(os.environ.get("SLIMFORMER_SMOLLM2_PARTS", RESULTS / "layer_drop_smollm2_parts"))
 
